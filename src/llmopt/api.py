@@ -1,0 +1,73 @@
+"""The Python API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.engine.generate import Generator, StreamCallback
+from llmopt.engine.outputs import RequestOutput
+from llmopt.errors import UserError
+from llmopt.loading.loader import LoadedModel, load_model
+from llmopt.sampling import SamplingParams
+
+
+class LLM:
+    """A loaded model ready to generate.
+
+    >>> llm = LLM("smollm2-135m", device="cpu")
+    >>> llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8, temperature=0))
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "sdpa",
+        progress: bool = True,
+    ) -> None:
+        self.loaded: LoadedModel = load_model(model, device=device, dtype=dtype, progress=progress)
+        self.model = self.loaded.model
+        self.model.set_attention_backend(attention)
+        self.tokenizer = self.loaded.tokenizer
+        self.device: torch.device = self.loaded.device
+        self.generator = Generator(self.model, self.tokenizer, self.device)
+
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if self.tokenizer is None:
+            raise UserError(f"{self.loaded.source} has random weights and no tokenizer; give token ids")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            return self.tokenizer.encode_chat(messages)
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        stream: StreamCallback | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text, or token ids). Batched prompts give the same tokens as
+        running them one by one."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            return []
+        texts: list[str | None] = []
+        ids: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                ids.append(self.encode(p, chat=chat, system=system))
+            else:
+                texts.append(None)
+                ids.append(list(p))
+        outs = self.generator.generate(ids, params, stream=stream)
+        for o, t in zip(outs, texts, strict=True):
+            o.prompt = t
+        return outs

@@ -1,0 +1,174 @@
+"""The latency path: static batch, static KV cache, prefill then token-by-token decode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmopt.devices import synchronize
+from llmopt.engine.outputs import GenerationStats, RequestOutput
+from llmopt.errors import UserError
+from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from llmopt.sampling import SamplingParams, SamplingTensors, sample
+
+# Callback for streamed text: (row index, text delta).
+StreamCallback = Callable[[int, str], None]
+
+CACHE_ROUND = 256  # KV caches grow in these steps so that nearby lengths reuse one allocation
+
+
+@dataclass
+class _Row:
+    prompt_ids: list[int]
+    detok: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of detok.text already streamed
+    finished: bool = False
+    finish_reason: str = "length"
+    cut_at_stop: bool = False  # text was truncated at a stop string: nothing after it may appear
+    text: str = ""
+
+
+class Generator:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.config = model.config
+
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: give at least one token of text")
+        longest = max(len(p) for p in prompts)
+        ctx = self.max_context()
+        if longest >= ctx:
+            raise UserError(f"prompt is {longest} tokens, longer than the model's context of {ctx}")
+        return min(longest + max_new_tokens, ctx)
+
+    def _ensure_cache(self, batch: int, needed: int) -> None:
+        size = min(-(-needed // CACHE_ROUND) * CACHE_ROUND, self.max_context())
+        self.model.setup_caches(batch, size)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stream: StreamCallback | None = None,
+    ) -> list[RequestOutput]:
+        t_start = time.perf_counter()
+        total = self._check_lengths(prompts, params.max_new_tokens)
+        bsz = len(prompts)
+        lens = [len(p) for p in prompts]
+        longest = max(lens)
+        max_new = min(params.max_new_tokens, total - min(lens))
+        self._ensure_cache(bsz, total)
+        dev = self.device
+        eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+        if not eos and not params.ignore_eos and self.config.eos_token_ids:
+            eos = frozenset(self.config.eos_token_ids)
+        rows = [
+            _Row(p, IncrementalDetokenizer(self.tokenizer, p) if self.tokenizer else None)
+            for p in prompts
+        ]
+        st = SamplingTensors.from_params([params] * bsz, dev)
+        gens: list[torch.Generator | None] | None = None
+        if params.seed is not None and not params.greedy:
+            gens = [torch.Generator(device=dev).manual_seed(params.seed)]
+        seen = None
+        if st.use_penalty:
+            seen = torch.zeros(bsz, self.config.vocab_size, dtype=torch.bool, device=dev)
+            for i, p in enumerate(prompts):
+                seen[i, torch.tensor(p, device=dev)] = True
+
+        # Right-padded prefill: every row writes its own positions; pads are masked, then overwritten.
+        tokens = torch.zeros(bsz, longest, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        tokens = tokens.to(dev)
+        positions = torch.arange(longest, device=dev).expand(bsz, longest)
+        lens_t = torch.tensor(lens, device=dev)
+        logits = self.model(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
+        next_tok = sample(logits[:, -1], st, gens, seen)  # [B]
+        cur_pos = lens_t.clone()  # [B] position the next token is written at
+        host = next_tok.tolist()
+        synchronize(dev)
+        t_first = time.perf_counter()
+        self._accept(rows, host, params, eos, stream)
+        kv_len = longest
+        for _ in range(max_new - 1):
+            if all(r.finished for r in rows):
+                break
+            if seen is not None:
+                seen[torch.arange(bsz, device=dev), next_tok] = True
+            kv_len += 1
+            logits = self.model(next_tok[:, None], cur_pos[:, None], kv_len=kv_len)  # [B, 1, V]
+            cur_pos += 1
+            next_tok = sample(logits[:, -1], st, gens, seen)
+            host = next_tok.tolist()  # the one device->host copy per step
+            self._accept(rows, host, params, eos, stream)
+        for i, r in enumerate(rows):
+            self._finish_text(i, r, stream)
+        t_end = time.perf_counter()
+        outs = []
+        for r in rows:
+            stats = GenerationStats(len(r.prompt_ids), len(r.token_ids), t_first - t_start,
+                                    t_end - t_first, t_end - t_start)
+            outs.append(RequestOutput(None, r.prompt_ids, r.text, r.token_ids, r.finish_reason, stats))
+        return outs
+
+    def _accept(
+        self, rows: list[_Row], tokens: list[int], params: SamplingParams,
+        eos: frozenset[int], stream: StreamCallback | None,
+    ) -> None:
+        for i, (r, t) in enumerate(zip(rows, tokens, strict=True)):
+            if r.finished:
+                continue
+            if t in eos:
+                r.finished, r.finish_reason = True, "stop"
+                continue
+            r.token_ids.append(t)
+            if r.detok is not None:
+                r.detok.add(t)
+                if params.stop and self._hit_stop(r, params.stop):
+                    r.finished, r.finish_reason = True, "stop"
+                    continue
+                # Hold back text that could still become a stop string.
+                hold = max((len(s) - 1 for s in params.stop), default=0)
+                upto = max(len(r.detok.text) - hold, r.emitted)
+                if stream is not None and upto > r.emitted:
+                    stream(i, r.detok.text[r.emitted:upto])
+                r.emitted = upto
+            if len(r.token_ids) >= params.max_new_tokens:
+                r.finished, r.finish_reason = True, "length"
+
+    @staticmethod
+    def _hit_stop(r: _Row, stops: tuple[str, ...]) -> bool:
+        assert r.detok is not None
+        text = r.detok.text
+        # Only the tail can hold a newly completed stop string.
+        window = max(len(s) for s in stops) + 16
+        start = max(0, min(r.emitted, len(text) - window))
+        cut = min((i for s in stops if (i := text.find(s, start)) >= 0), default=-1)
+        if cut < 0:
+            return False
+        r.detok.text = text[:cut]
+        r.cut_at_stop = True
+        return True
+
+    def _finish_text(self, i: int, r: _Row, stream: StreamCallback | None) -> None:
+        if r.detok is None:
+            return
+        if not r.cut_at_stop:
+            r.detok.flush()
+        r.text = r.detok.text
+        if stream is not None and len(r.text) > r.emitted:
+            stream(i, r.text[r.emitted:])
+        r.emitted = len(r.text)

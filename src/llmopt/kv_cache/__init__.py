@@ -1,0 +1,3 @@
+from llmopt.kv_cache.static import StaticKVCache
+
+__all__ = ["StaticKVCache"]

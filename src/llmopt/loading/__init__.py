@@ -1,0 +1,1 @@
+"""Checkpoint loading: Hugging Face directories (safetensors) and llama.cpp GGUF files."""
