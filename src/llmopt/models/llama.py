@@ -179,37 +179,57 @@ class LlamaForCausalLM(nn.Module):
         return self.model.layers[0].self_attn.kv_cache is not None
 
     # -- forward -----------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_len: int | None = None,
+        attn_meta: AttentionMetadata | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (before the last norm) for ``input_ids`` [B, T] -> [B, T, H].
+
+        positions: [B, T] absolute positions (default 0..T-1). With KV caches set up, keys and
+        values are written at those positions and attention reads the first ``kv_len`` cache
+        slots (default: all). ``attn_meta`` replaces all of that with metadata built by the
+        caller for its own cache and backend (paged serving); then rotary tables must already
+        cover every position (``init_rope``).
+        """
+        bsz, seq = input_ids.shape
+        device = input_ids.device
+        if attn_meta is None:
+            if positions is None:
+                positions = torch.arange(seq, device=device).expand(bsz, seq)
+            if self.has_cache:
+                key_positions = torch.arange(self.max_seq_len, device=device)  # [S]
+            else:
+                key_positions = positions  # [B, T]
+                kv_len = None
+            self._ensure_rope(self.max_seq_len if self.has_cache else seq, device)
+            meta = self.attention.prepare(positions, key_positions, kv_len, self.config.sliding_window)
+        else:
+            meta = attn_meta
+            positions = meta.positions
+        cos = self.rope_cos[positions][:, None]  # [B, 1, T, D]
+        sin = self.rope_sin[positions][:, None]
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, meta, self.attention)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden))
+
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         logits_idx: torch.Tensor | None = None,
+        attn_meta: AttentionMetadata | None = None,
     ) -> torch.Tensor:
-        """Logits for ``input_ids`` [B, T].
-
-        positions: [B, T] absolute positions (default 0..T-1). With KV caches set up, keys and
-        values are written at those positions and attention reads the first ``kv_len`` cache
-        slots (default: all). logits_idx: [B] index of the one token per row whose logits are
-        wanted (returns [B, 1, V]); default all tokens ([B, T, V]).
-        """
-        bsz, seq = input_ids.shape
-        device = input_ids.device
-        if positions is None:
-            positions = torch.arange(seq, device=device).expand(bsz, seq)
-        if self.has_cache:
-            key_positions = torch.arange(self.max_seq_len, device=device)  # [S]
-        else:
-            key_positions = positions  # [B, T]
-            kv_len = None
-        self._ensure_rope(self.max_seq_len if self.has_cache else seq, device)
-        meta = self.attention.prepare(positions, key_positions, kv_len, self.config.sliding_window)
-        cos = self.rope_cos[positions][:, None]  # [B, 1, T, D]
-        sin = self.rope_sin[positions][:, None]
-        x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, meta, self.attention)
+        """Logits [B, T, V]; with ``logits_idx`` [B] only that token of each row: [B, 1, V]."""
+        x = self.hidden_states(input_ids, positions, kv_len, attn_meta)
         if logits_idx is not None:
-            x = x[torch.arange(bsz, device=device), logits_idx][:, None]  # [B, 1, H]
-        x = self.model.norm(x)
-        return self.lm_head(x)
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, logits_idx][:, None]  # [B, 1, H]
+        return self.compute_logits(x)
