@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from llmopt.engine.generate import Generator, StreamCallback
@@ -9,6 +11,9 @@ from llmopt.engine.outputs import RequestOutput
 from llmopt.errors import UserError
 from llmopt.loading.loader import LoadedModel, load_model
 from llmopt.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llmopt.engine.llm_engine import EngineConfig, LLMEngine
 
 
 class LLM:
@@ -25,13 +30,23 @@ class LLM:
         dtype: str = "auto",
         attention: str = "sdpa",
         progress: bool = True,
+        engine: str = "static",
+        engine_config: EngineConfig | None = None,
     ) -> None:
         self.loaded: LoadedModel = load_model(model, device=device, dtype=dtype, progress=progress)
         self.model = self.loaded.model
         self.model.set_attention_backend(attention)
         self.tokenizer = self.loaded.tokenizer
         self.device: torch.device = self.loaded.device
+        # "static": the latency path (one static batch); "paged": continuous batching, paged KV.
+        if engine not in ("static", "paged"):
+            raise UserError(f"unknown engine {engine!r}; use static or paged")
         self.generator = Generator(self.model, self.tokenizer, self.device)
+        self.engine: LLMEngine | None = None
+        if engine == "paged":
+            from llmopt.engine.llm_engine import LLMEngine
+
+            self.engine = LLMEngine(self.model, self.tokenizer, self.device, engine_config)
 
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         if self.tokenizer is None:
@@ -67,7 +82,12 @@ class LLM:
             else:
                 texts.append(None)
                 ids.append(list(p))
-        outs = self.generator.generate(ids, params, stream=stream)
+        if self.engine is not None:
+            if stream is not None:
+                raise UserError("streaming callbacks need the static engine; use the server to stream")
+            outs = self.engine.generate(ids, params)
+        else:
+            outs = self.generator.generate(ids, params, stream=stream)
         for o, t in zip(outs, texts, strict=True):
             o.prompt = t
         return outs

@@ -94,6 +94,10 @@ class ModelConfig:
         arch = archs[0] if archs else {
             "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
         }.get(model_type or "", str(model_type))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UserError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])

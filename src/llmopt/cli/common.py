@@ -16,6 +16,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: split the model over N GPUs (or CPU processes); "
+                        "starts them itself, or joins ranks started by torchrun (default 1)")
+    p.add_argument("--tp-allreduce", default="nccl",
+                   choices=("nccl", "symm-one-shot", "symm-two-shot"),
+                   help="all-reduce under --tp: nccl, or PyTorch symmetric memory (GPU only)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +46,17 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    from llmopt.speculative.build import DRAFT_HELP
+
+    p.add_argument("--draft", default=None, help=DRAFT_HELP)
+    p.add_argument("--speculate-k", type=int, default=4,
+                   help="most tokens drafted per step (default 4; adapts unless --fixed-k)")
+    p.add_argument("--fixed-k", action="store_true", help="always draft --speculate-k tokens")
+    p.add_argument("--speculate-compare", action="store_true",
+                   help="also decode without speculation and report the speedup")
 
 
 def progress_enabled() -> bool:

@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
-from llmopt.cli.common import add_model_args, add_sampling_args, sampling_from_args
+from llmopt.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    add_speculative_args,
+    sampling_from_args,
+)
 from llmopt.errors import UserError
 
 
@@ -17,30 +22,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    add_speculative_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)  # validate options before loading anything
+    from llmopt.parallel import maybe_launch, rank_index
+
     prompt = args.prompt
-    if prompt is None:
+    if prompt is None and rank_index() == 0:  # under --tp only rank 0 reads stdin, then shares it
         if sys.stdin is None or sys.stdin.isatty():
             raise UserError("no prompt: pass --prompt TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    if not prompt:
+    if prompt == "":
         raise UserError("empty prompt")
     if args.system and not args.chat:
         raise UserError("--system needs --chat")
+    if args.draft:
+        from llmopt.speculative import SpeculativeConfig, parse_draft_spec
+
+        draft_spec = parse_draft_spec(args.draft)
+        spec_config = SpeculativeConfig(k=args.speculate_k, adaptive=not args.fixed_k,
+                                        compare_plain=args.speculate_compare)
+
+    rc = maybe_launch(args, stdin_data=prompt if args.prompt is None else None)
+    if rc is not None:  # this process started the --tp ranks; they have finished
+        return rc
 
     from llmopt.api import LLM
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    if args.tp > 1:  # this process is one rank of a tensor-parallel group
+        from llmopt.parallel import ShardedLLM
+
+        llm = ShardedLLM(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
+                         attention=args.attention, allreduce=args.tp_allreduce)
+        prompt = llm.broadcast(prompt)
+        is_main = llm.is_main
+    else:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+        is_main = True
+    if args.draft:
+        from llmopt.speculative import SpeculativeGenerator, build_drafter
+
+        drafter = build_drafter(draft_spec, llm.model, llm.tokenizer)
+        llm.generator = SpeculativeGenerator(llm.model, llm.tokenizer, llm.device, drafter, spec_config)
 
     def stream(_: int, delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
     out = llm.generate([prompt], params, chat=args.chat, system=args.system,
-                       stream=None if args.json else stream)[0]
+                       stream=None if args.json or not is_main else stream)[0]
+    if not is_main:
+        return 0  # only rank 0 prints
     stats = out.stats
     assert stats is not None
     if args.json:
@@ -52,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             "finish_reason": out.finish_reason,
             "stats": stats.as_dict(),
         }
+        if "speculative" in out.extra:
+            obj["speculative"] = out.extra["speculative"]
         print(json.dumps(obj))
     else:
         sys.stdout.write("\n")
@@ -62,4 +98,9 @@ def run(args: argparse.Namespace) -> int:
             f"{stats.decode_tokens_per_s:.1f} tok/s | finish {out.finish_reason}]",
             file=sys.stderr,
         )
+        spec = out.extra.get("speculative")
+        if isinstance(spec, dict):
+            speedup = f" | speedup {spec['speedup']:.2f}x" if spec.get("speedup") else ""
+            print(f"[draft {spec['drafter']} | accepted {spec['acceptance_rate']:.0%} of drafts | "
+                  f"{spec['mean_tokens_per_step']:.2f} tokens per step{speedup}]", file=sys.stderr)
     return 0

@@ -14,6 +14,9 @@ from llmopt.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llmopt.cli.generate", "generate text from a prompt"),
     "convert": ("llmopt.cli.convert", "convert a GGUF file into a Hugging Face-style directory"),
+    "serve": ("llmopt.cli.serve", "serve an OpenAI-compatible HTTP API (continuous batching)"),
+    "bench-serve": ("llmopt.cli.bench_serve", "serving benchmark: throughput, TTFT, TPOT"),
+    "distill": ("llmopt.cli.distill", "train a small draft model on a teacher's logits"),
 }
 
 
@@ -49,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or a usage error already printed as one line
+            return e.code if isinstance(e.code, int) else 2
+        args._argv = argv  # the tensor-parallel launcher re-runs this same command on each rank
         if args.version:
             from llmopt import __version__
 

@@ -66,7 +66,7 @@ def _open(path: Path) -> Any:
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError...
-        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} is not a valid GGUF file, truncated or corrupt ({e})") from None
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:

@@ -59,7 +59,11 @@ def load_model(
     path = resolve_model(spec, progress=progress)
     if path.is_dir():
         config = ModelConfig.from_file(path / "config.json")
-        tokenizer: Tokenizer | None = Tokenizer.from_dir(path)
+        tokenizer: Tokenizer | None = None
+        if (path / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_dir(path)
+        else:
+            log.warning("%s has no tokenizer.json: token ids only", path)
         from llmopt.loading.safetensors_io import iter_safetensors
 
         tensors: Iterator[tuple[str, torch.Tensor]] = iter_safetensors(path)

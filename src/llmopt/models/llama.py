@@ -164,8 +164,9 @@ class LlamaForCausalLM(nn.Module):
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         c = self.config
         for layer in self.model.layers:
+            # The module's own head count: a tensor-parallel rank holds only some KV heads.
             layer.self_attn.kv_cache = StaticKVCache(
-                max_batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype, device
+                max_batch_size, max_seq_len, layer.self_attn.num_kv_heads, c.head_dim, dtype, device
             )
         self._ensure_rope(max_seq_len, torch.device(device))
 

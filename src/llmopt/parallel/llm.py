@@ -1,0 +1,66 @@
+"""``ShardedLLM``: the ``LLM`` API on one rank of a tensor-parallel group.
+
+Every rank runs the same generation loop on the same (all-gathered) logits, so every rank picks
+the same tokens; only the seed of random sampling has to be agreed on, which rank 0 does.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import replace
+
+from llmopt.api import LLM
+from llmopt.engine.generate import Generator, StreamCallback
+from llmopt.engine.outputs import RequestOutput
+from llmopt.parallel.loading import ShardedLoadedModel, load_sharded
+from llmopt.parallel.process_group import TPContext, init_tp
+from llmopt.sampling import SamplingParams
+
+
+class ShardedLLM(LLM):
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        tp: int = 2,
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "sdpa",
+        allreduce: str = "nccl",
+        progress: bool = True,
+    ) -> None:
+        # Not LLM.__init__: that loads the whole model; here each rank loads its shard.
+        self.tp: TPContext = init_tp(tp, device, allreduce)
+        self.loaded: ShardedLoadedModel = load_sharded(
+            model, self.tp, dtype=dtype, progress=progress and self.tp.is_main and sys.stderr.isatty()
+        )
+        self.model = self.loaded.model
+        self.model.set_attention_backend(attention)
+        if allreduce != "nccl":
+            assert self.loaded.comm is not None
+            self.loaded.comm.enable_symm_mem(allreduce, self.loaded.dtype, self.tp.device)
+        self.tokenizer = self.loaded.tokenizer
+        self.device = self.loaded.device
+        self.generator = Generator(self.model, self.tokenizer, self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.tp.is_main
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's ``obj`` on every rank (e.g. a prompt only rank 0 could read)."""
+        return self.tp.broadcast_object(obj)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        stream: StreamCallback | None = None,
+    ) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        if not params.greedy and params.seed is None:
+            # Unseeded sampling would draw different tokens on different ranks and desync them.
+            params = replace(params, seed=self.tp.broadcast_object(random.randrange(2**31)))
+        return super().generate(prompts, params, chat=chat, system=system, stream=stream)

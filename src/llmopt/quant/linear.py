@@ -1,0 +1,191 @@
+"""Quantised drop-in replacements for ``nn.Linear``.
+
+Each holds its packed weight as buffers (so ``state_dict`` is the checkpoint layout and
+``model.to(device)`` moves them) and its ``forward`` calls one function of
+``llmopt.quant.kernels``, which picks the Triton kernel or the plain-PyTorch path. All can be
+built empty on the meta device from shapes alone, which is how quantised checkpoints load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmopt.quant import kernels
+from llmopt.quant.primitives import (
+    DoubleQuant,
+    double_dequantize,
+    num_groups,
+    pack_bits,
+)
+
+
+class QuantLinear(nn.Module):
+    """Common parts: shapes, an optional float bias (kept as a parameter so loaders cast it)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def dequantize(self) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            assert self.bias is not None
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+class Int8Linear(QuantLinear):
+    """Symmetric int8 per output channel: W = qweight * scales[:, None]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_linear(x, self.qweight, self.scales, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return kernels.ref.dequant_int8(self.qweight, self.scales, self.scales.dtype)
+
+
+class Int4Linear(QuantLinear):
+    """Asymmetric group-wise codes (4-bit, or 3-bit GPTQ held in the 4-bit layout):
+    W[n, k] = (code[k, n] - zeros[g, n]) * scales[g, n] with g = k // group_size.
+
+    ``qweight`` int32 [K/8, N] packs codes along K; ``scales``/``zeros`` are [G, N] in the compute
+    dtype (zeros hold integers; keeping them as floats saves an unpack in the kernel).
+    With act-order GPTQ the input channels are stored sorted by group and ``perm`` [K] gathers x
+    into that order, so every kernel sees contiguous groups.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
+                 bits: int = 4, act_order: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if in_features % 8:
+            raise ValueError(f"in_features must be a multiple of 8 for 4-bit packing, got {in_features}")
+        self.group_size = group_size
+        self.bits = bits
+        g = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(g, out_features, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(g, out_features, dtype=dtype, device=device))
+        if act_order:
+            self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        else:
+            self.register_buffer("perm", None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None, dtype: torch.dtype, bits: int = 4,
+                   perm: torch.Tensor | None = None) -> Int4Linear:
+        """codes [N, K] (already in stored channel order), scales/zeros [N, G]."""
+        n, k = codes.shape
+        m = cls(k, n, bias is not None, group_size, bits, perm is not None, codes.device, dtype)
+        m.qweight = pack_bits(codes.t().contiguous(), 4)
+        m.scales = scales.t().contiguous().to(dtype)
+        m.zeros = zeros.t().contiguous().to(dtype)
+        if perm is not None:
+            m.perm = perm.to(torch.int32)
+        m._set_bias(bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] in the model's channel order."""
+        w = kernels.ref.dequant_int4(self.qweight, self.scales, self.zeros, self.group_size,
+                                     self.in_features, self.scales.dtype)
+        if self.perm is not None:
+            out = torch.empty_like(w)
+            out[:, self.perm.long()] = w
+            return out
+        return w
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}"
+
+
+class NF4Linear(QuantLinear):
+    """NF4 codes with block-wise absmax along K: W[n, k] = NF4[code[k, n]] * absmax[k // block, n].
+    With double quantisation the absmax is stored as int8 codes + float32 block scales + mean
+    and expanded each forward (a [G, N] elementwise op, 1/block of the weight's size)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, block_size: int = 64,
+                 double_quant: bool = False, dq_block_size: int = 256,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if in_features % 8:
+            raise ValueError(f"in_features must be a multiple of 8 for 4-bit packing, got {in_features}")
+        self.block_size = block_size
+        self.double_quant = double_quant
+        self.dq_block_size = dq_block_size
+        g = num_groups(in_features, block_size)
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device))
+        if double_quant:
+            nb = -(-g * out_features // dq_block_size)
+            self.register_buffer("absmax", None)
+            self.register_buffer("absmax_codes", torch.zeros(g, out_features, dtype=torch.int8, device=device))
+            self.register_buffer("absmax_scales", torch.ones(nb, dtype=torch.float32, device=device))
+            self.register_buffer("absmax_offset", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax", torch.ones(g, out_features, dtype=dtype, device=device))
+
+    def current_absmax(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax
+        dq = DoubleQuant(self.absmax_codes, self.absmax_scales, self.absmax_offset)
+        return double_dequantize(dq, self.dq_block_size)  # float32 [G, N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        absmax = self.current_absmax().to(x.dtype)
+        return kernels.nf4_linear(x, self.qweight, absmax, self.block_size, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        a = self.current_absmax()
+        return kernels.ref.dequant_nf4(self.qweight, a, self.block_size, self.in_features, a.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", block_size={self.block_size}, double_quant={self.double_quant}"
+
+
+class FP8Linear(QuantLinear):
+    """e4m3 weight with one scale per output channel; ``mode`` "dequant" (weight-only, bf16
+    compute) or "scaled_mm" (FP8 activations too, ``torch._scaled_mm``; CUDA only, CPU falls back
+    to dequant)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, mode: str = "dequant",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.mode = mode
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.fp8_linear(x, self.qweight, self.scales, self.bias, self.mode)
+
+    def dequantize(self) -> torch.Tensor:
+        return kernels.ref.dequant_int8(self.qweight, self.scales, self.scales.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mode={self.mode}"

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (needs the ``serve`` extra: fastapi, uvicorn)."""

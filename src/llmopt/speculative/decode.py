@@ -1,0 +1,239 @@
+"""Speculative generation at batch size 1: draft k tokens, verify them in one target forward.
+
+Target state between steps: its static KV cache holds every committed token except the last one
+emitted (``pending``, at position ``pos``). A step feeds ``[pending, d_1 .. d_m]`` at positions
+``pos .. pos+m`` in one forward, verifies, and emits ``n`` accepted drafts plus one token from the
+target. Rejected positions are rolled back by moving ``pos`` only: the cache is written by position
+and attention masks keys by position, so stale entries past ``pos`` are overwritten before any
+query can see them. One host copy per step fetches the emitted tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmopt.devices import synchronize
+from llmopt.engine.generate import Generator, StreamCallback, _Row
+from llmopt.engine.outputs import GenerationStats, RequestOutput
+from llmopt.errors import UserError
+from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from llmopt.sampling import SamplingParams, SamplingTensors, sample
+from llmopt.sampling.verify import verify
+from llmopt.speculative.adaptive import AdaptiveK, AdaptiveKConfig
+from llmopt.speculative.drafters import Drafter
+
+
+@dataclass
+class SpeculativeStats:
+    drafter: str
+    k_max: int
+    adaptive: bool
+    steps: int = 0  # target forwards after the prefill
+    draft_steps: int = 0  # of which verified at least one drafted token
+    drafted: int = 0
+    accepted: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    k_histogram: dict[int, int] = field(default_factory=dict)  # drafted length -> steps
+    plain_decode_tokens_per_s: float | None = None
+    speculative_decode_tokens_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.drafted_by_position = [0] * self.k_max
+        self.accepted_by_position = [0] * self.k_max
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.k_histogram[drafted] = self.k_histogram.get(drafted, 0) + 1
+        if drafted == 0:
+            return
+        self.draft_steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for i in range(drafted):
+            self.drafted_by_position[i] += 1
+            if i < accepted:
+                self.accepted_by_position[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float | None]:
+        """P(draft i accepted | draft i was proposed), i = 1..k_max."""
+        return [a / d if d else None for a, d in
+                zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Drafted tokens accepted per verify step that had drafts (the bonus token excluded)."""
+        return self.accepted / self.draft_steps if self.draft_steps else 0.0
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """Tokens emitted per target forward after the prefill (accepted drafts + 1)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.plain_decode_tokens_per_s or self.speculative_decode_tokens_per_s is None:
+            return None
+        return self.speculative_decode_tokens_per_s / self.plain_decode_tokens_per_s
+
+    def as_dict(self) -> dict[str, object]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+
+        return {
+            "drafter": self.drafter,
+            "k_max": self.k_max,
+            "adaptive_k": self.adaptive,
+            "steps": self.steps,
+            "draft_steps": self.draft_steps,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": r(self.acceptance_rate),
+            "acceptance_by_position": [r(x) for x in self.acceptance_by_position],
+            "mean_accepted_per_step": r(self.mean_accepted_per_step),
+            "mean_tokens_per_step": r(self.mean_tokens_per_step),
+            "k_histogram": {str(k): v for k, v in sorted(self.k_histogram.items())},
+            "plain_decode_tokens_per_s": r(self.plain_decode_tokens_per_s),
+            "speculative_decode_tokens_per_s": r(self.speculative_decode_tokens_per_s),
+            "speedup": r(self.speedup),
+        }
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    k: int = 4
+    adaptive: bool = True
+    verify_cost: float | None = None  # None: a default for the device (see AdaptiveKConfig)
+    compare_plain: bool = False  # also run plain decoding with the same settings, for the speedup
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise UserError(f"--speculate-k must be >= 1, got {self.k}")
+        if self.verify_cost is not None and self.verify_cost < 0:
+            raise ValueError(f"verify_cost must be >= 0, got {self.verify_cost}")
+
+
+class SpeculativeGenerator(Generator):
+    """Drop-in for ``Generator`` (same ``generate`` signature and outputs) that speculates.
+
+    ``RequestOutput.extra["speculative"]`` holds the ``SpeculativeStats`` dict.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer | None,
+        device: torch.device,
+        drafter: Drafter,
+        config: SpeculativeConfig | None = None,
+    ) -> None:
+        super().__init__(model, tokenizer, device)
+        self.drafter = drafter
+        self.spec = config or SpeculativeConfig()
+        self.last_stats: SpeculativeStats | None = None
+
+    def _adaptive(self) -> AdaptiveK:
+        verify_cost = self.spec.verify_cost
+        if verify_cost is None:
+            # A CPU runs out of compute before bandwidth: each verified token costs real time.
+            verify_cost = 0.15 if self.device.type == "cpu" else 0.03
+        cfg = AdaptiveKConfig(k_max=self.spec.k, adaptive=self.spec.adaptive, verify_cost=verify_cost)
+        return AdaptiveK(cfg, self.drafter.cost_per_token)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stream: StreamCallback | None = None,
+    ) -> list[RequestOutput]:
+        if len(prompts) != 1:
+            raise UserError(
+                f"speculative decoding runs one prompt at a time (batch size 1); got {len(prompts)}"
+            )
+        if params.repetition_penalty != 1.0:
+            raise UserError("speculative decoding does not support --repetition-penalty; drop --draft")
+        plain_tps = None
+        if self.spec.compare_plain:
+            plain = Generator(self.model, self.tokenizer, self.device).generate(prompts, params)[0]
+            assert plain.stats is not None
+            plain_tps = plain.stats.decode_tokens_per_s
+        out = self._generate_one(prompts[0], params, stream)
+        assert self.last_stats is not None
+        self.last_stats.plain_decode_tokens_per_s = plain_tps
+        out.extra["speculative"] = self.last_stats.as_dict()
+        return [out]
+
+    @torch.inference_mode()
+    def _generate_one(
+        self, prompt: list[int], params: SamplingParams, stream: StreamCallback | None
+    ) -> RequestOutput:
+        t_start = time.perf_counter()
+        total = self._check_lengths([prompt], params.max_new_tokens)
+        length = len(prompt)
+        max_new = min(params.max_new_tokens, total - length)
+        self._ensure_cache(1, total)
+        cache_len = self.model.max_seq_len
+        dev = self.device
+        eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+        if not eos and not params.ignore_eos and self.config.eos_token_ids:
+            eos = frozenset(self.config.eos_token_ids)
+        row = _Row(prompt, IncrementalDetokenizer(self.tokenizer, prompt) if self.tokenizer else None)
+        st = SamplingTensors.from_params([params], dev)
+        gen = draft_gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=dev).manual_seed(params.seed)
+            draft_gen = torch.Generator(device=dev).manual_seed(params.seed + 1)
+        arange = torch.arange(cache_len + 1, device=dev)  # sliced by host ints: no copies
+        adaptive = self._adaptive()
+        stats = SpeculativeStats(self.drafter.name, self.spec.k, self.spec.adaptive)
+
+        tokens = torch.tensor([prompt], dtype=torch.long, device=dev)  # [1, L]
+        logits = self.model(tokens, arange[:length][None], kv_len=length,
+                            logits_idx=arange[length - 1 : length])  # [1, 1, V]
+        pending = sample(logits[:, -1], st, [gen] if gen is not None else None)  # [1]
+        first = int(pending.item())
+        self.drafter.start(prompt, cache_len, st, draft_gen)
+        synchronize(dev)
+        t_first = time.perf_counter()
+        ids = [*prompt, first]
+        emitted = 1
+        self._accept([row], [first], params, eos, stream)
+        pos = length  # position of the pending token
+        while not row.finished and emitted < max_new:
+            # Never draft past max_new_tokens or the cache: the step emits up to k+1 tokens.
+            k = min(adaptive.next_k(), max_new - emitted - 1, cache_len - 1 - pos)
+            prop = self.drafter.propose(ids, k)
+            m = prop.num_tokens
+            inp = torch.cat([pending[:, None], prop.tokens], dim=1)  # [1, m+1]
+            logits = self.model(inp, arange[pos : pos + m + 1][None], kv_len=pos + m + 1)  # [1, m+1, V]
+            res = verify(logits, prop.tokens, prop.probs, st, gen)
+            pending = res.last_token()  # [1], stays on the device for the next step's input
+            host = res.packed()[0].tolist()  # the one device->host copy per step
+            n = host[0]
+            new = host[1 : n + 2]
+            self.drafter.accept(n)
+            adaptive.update(m, n)
+            stats.record(m, n)
+            for t in new:
+                ids.append(t)
+                emitted += 1
+                self._accept([row], [t], params, eos, stream)
+                if row.finished:
+                    break
+            pos += n + 1
+        self._finish_text(0, row, stream)
+        t_end = time.perf_counter()
+        gstats = GenerationStats(length, len(row.token_ids), t_first - t_start, t_end - t_first,
+                                 t_end - t_start)
+        stats.speculative_decode_tokens_per_s = gstats.decode_tokens_per_s
+        self.last_stats = stats
+        return RequestOutput(None, prompt, row.text, row.token_ids, row.finish_reason, gstats)

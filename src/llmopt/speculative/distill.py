@@ -1,0 +1,339 @@
+"""Distilling a small draft model from a teacher's logits.
+
+The student shares the teacher's tokenizer (same vocabulary, same embedding table when the hidden
+size matches) and learns to match the teacher's next-token distribution (KL divergence, optionally
+mixed with the plain next-token loss), which is exactly what a draft needs: acceptance is high when
+the two distributions agree. Where shapes allow the student starts from the teacher's weights
+(embeddings, final norm, head and a spread of its layers), so a short run gets far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmopt.config import ModelConfig
+from llmopt.errors import UserError
+from llmopt.loading.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    num_layers: int
+    hidden_size: int | None = None  # None: the teacher's
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    steps: int = 300
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    init: str = "teacher"  # "teacher": copy what fits; "random"
+    init_layers: str = "spread"  # which teacher layers seed the student: "spread" or "first"
+    freeze_embeddings: bool = True  # when copied from the teacher (saves the head's gradient)
+    checkpoint_every: int = 100
+    eval_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise UserError(f"--layers must be >= 1, got {self.num_layers}")
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise UserError("--kl-weight and --ce-weight must be >= 0 and not both 0")
+        if self.temperature <= 0:
+            raise UserError(f"--distill-temperature must be > 0, got {self.temperature}")
+        if self.init not in ("teacher", "random"):
+            raise UserError(f"--init must be teacher or random, got {self.init!r}")
+        if self.init_layers not in ("spread", "first"):
+            raise UserError(f"--init-layers must be spread or first, got {self.init_layers!r}")
+
+
+def student_config(teacher: ModelConfig, cfg: DistillConfig) -> ModelConfig:
+    hidden = cfg.hidden_size or teacher.hidden_size
+    heads = cfg.num_heads or (teacher.num_heads if hidden == teacher.hidden_size
+                              else max(1, hidden // teacher.head_dim))
+    kv_heads = cfg.num_kv_heads or (teacher.num_kv_heads if heads == teacher.num_heads
+                                    else math.gcd(heads, teacher.num_kv_heads))
+    if hidden % heads:
+        raise UserError(f"--hidden-size {hidden} is not a multiple of --heads {heads}")
+    if heads % kv_heads:
+        raise UserError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
+    inter = cfg.intermediate_size or round(teacher.intermediate_size * hidden / teacher.hidden_size)
+    try:
+        return teacher.replace(num_layers=cfg.num_layers, hidden_size=hidden, num_heads=heads,
+                               num_kv_heads=kv_heads, head_dim=hidden // heads,
+                               intermediate_size=inter)
+    except ValueError as e:
+        raise UserError(f"student shape: {e}") from None
+
+
+def teacher_layer_indices(num_teacher: int, num_student: int, how: str) -> list[int]:
+    if how == "first" or num_student >= num_teacher:
+        return list(range(min(num_student, num_teacher)))
+    if num_student == 1:
+        return [0]
+    # Evenly spread, first and last included.
+    return [round(i * (num_teacher - 1) / (num_student - 1)) for i in range(num_student)]
+
+
+def init_student(
+    student: nn.Module, teacher: nn.Module, cfg: DistillConfig
+) -> tuple[list[str], set[str]]:
+    """Copy the teacher's tensors into the student where shapes allow.
+
+    Returns (names of what was copied, names of parameters to freeze).
+    """
+    copied: list[str] = []
+    frozen: set[str] = set()
+    t_sd = teacher.state_dict()
+    s_params = dict(student.named_parameters())
+    with torch.no_grad():
+        emb_s = student.model.embed_tokens.weight
+        emb_t = t_sd["model.embed_tokens.weight"].float()
+        if emb_s.shape == emb_t.shape:
+            emb_s.copy_(emb_t)
+            copied.append("model.embed_tokens.weight")
+            if cfg.freeze_embeddings:
+                frozen.add("model.embed_tokens.weight")
+        else:
+            # Narrower student: keep the teacher's embedding geometry along its principal axes.
+            h = emb_s.shape[1]
+            _, vecs = torch.linalg.eigh(emb_t.T @ emb_t)  # ascending eigenvalues
+            emb_s.copy_(emb_t @ vecs[:, -h:].flip(-1))
+            copied.append("model.embed_tokens.weight (principal axes)")
+        pairs = [("model.norm.weight", "model.norm.weight")]
+        if not student.config.tie_word_embeddings:
+            pairs.append(("lm_head.weight", "lm_head.weight"))
+        idx = teacher_layer_indices(teacher.config.num_layers, student.config.num_layers,
+                                    cfg.init_layers)
+        for s_i, t_i in enumerate(idx):
+            prefix_s, prefix_t = f"model.layers.{s_i}.", f"model.layers.{t_i}."
+            for name in s_params:
+                if name.startswith(prefix_s):
+                    pairs.append((name, prefix_t + name[len(prefix_s):]))
+        for s_name, t_name in pairs:
+            if s_name in s_params and t_name in t_sd and s_params[s_name].shape == t_sd[t_name].shape:
+                s_params[s_name].copy_(t_sd[t_name].float())
+                copied.append(s_name)
+                if s_name == "lm_head.weight" and cfg.freeze_embeddings:
+                    frozen.add(s_name)
+    return copied, frozen
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: DistillConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL(teacher || student) at temperature T (scaled by T^2), plus ce_weight * next-token loss."""
+    vocab = student_logits.shape[-1]
+    s = student_logits.float().reshape(-1, vocab)  # [N, V]
+    t = teacher_logits.float().reshape(-1, vocab)
+    temp = cfg.temperature
+    kl = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
+                  reduction="batchmean") * temp * temp
+    loss = cfg.kl_weight * kl
+    parts = {"kl": float(kl.detach())}
+    if cfg.ce_weight > 0:
+        ce = F.cross_entropy(s, targets.reshape(-1))
+        loss = loss + cfg.ce_weight * ce
+        parts["ce"] = float(ce.detach())
+    return loss, parts
+
+
+class TokenWindows:
+    """Random fixed-length windows from one long token stream; a held-out tail for evaluation."""
+
+    def __init__(self, ids: list[int], seq_len: int, seed: int, holdout: float = 0.05) -> None:
+        need = 2 * (seq_len + 1)
+        if len(ids) < need * 2:
+            raise UserError(f"the corpus has {len(ids)} tokens; need at least {need * 2} for "
+                            f"--seq-len {seq_len}")
+        data = torch.tensor(ids, dtype=torch.long)
+        cut = max(len(ids) - max(int(len(ids) * holdout), need), need)
+        self.train, self.held = data[:cut], data[cut:]
+        self.seq_len = seq_len
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _windows(self, data: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        offs = torch.arange(self.seq_len + 1)
+        return data[starts[:, None] + offs]  # [B, T+1]
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        starts = torch.randint(0, len(self.train) - self.seq_len - 1, (batch_size,), generator=self.gen)
+        return self._windows(self.train, starts)
+
+    def eval_batches(self, batch_size: int, count: int) -> list[torch.Tensor]:
+        n = (len(self.held) - 1) // (self.seq_len + 1)
+        starts = torch.arange(n) * (self.seq_len + 1)
+        return [self._windows(self.held, starts[i : i + batch_size])
+                for i in range(0, min(n, batch_size * count), batch_size)]
+
+
+def lr_lambda(cfg: DistillConfig) -> object:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor],
+             cfg: DistillConfig, device: torch.device) -> dict[str, float]:
+    """Held-out KL and top-1 agreement (the greedy acceptance rate of a one-token draft)."""
+    kl_sum, agree, count = 0.0, 0, 0
+    for b in batches:
+        x = b[:, :-1].to(device)
+        s_logits = student(x)
+        t_logits = teacher(x)
+        _, parts = distill_loss(s_logits, t_logits, b[:, 1:].to(device), cfg)
+        kl_sum += parts["kl"] * x.numel()
+        agree += int((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
+        count += x.numel()
+    return {"kl": kl_sum / max(1, count), "top1_agreement": agree / max(1, count)}
+
+
+def save_student(student: nn.Module, tokenizer: Tokenizer | None, out: Path,
+                 generation_config: dict[str, object] | None = None) -> None:
+    from llmopt.loading.loader import save_checkpoint
+
+    save_checkpoint(student, tokenizer, out)
+    if generation_config:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+
+
+def distill(
+    teacher: nn.Module,
+    tokenizer: Tokenizer,
+    corpus_text: str,
+    cfg: DistillConfig,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    meta: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """Train a student, write it (and checkpoints) under ``out_dir``; returns the run summary."""
+    from llmopt.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    teacher.clear_caches()
+    s_config = student_config(teacher.config, cfg)
+    student = build_model(s_config).to(device=device, dtype=torch.float32)
+    # Same init scale as the random presets, so untouched layers start well-conditioned.
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                std = 0.02 if "embed" in name or "lm_head" in name else 1.0 / math.sqrt(p.shape[-1])
+                p.normal_(0.0, std)
+    student.tie_weights()
+    copied: list[str] = []
+    frozen: set[str] = set()
+    if cfg.init == "teacher":
+        copied, frozen = init_student(student, teacher, cfg)
+    student.train()
+    params = []
+    for name, p in student.named_parameters():
+        p.requires_grad_(name not in frozen)
+        if p.requires_grad:
+            params.append(p)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # type: ignore[arg-type]
+
+    ids = tokenizer.encode(corpus_text, add_special_tokens=False)
+    data = TokenWindows(ids, cfg.seq_len, cfg.seed)
+    held = data.eval_batches(cfg.batch_size, cfg.eval_batches)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.eval()
+    before = evaluate(student, teacher, held, cfg, device)
+    student.train()
+    log.info("student %s; copied %d tensors from the teacher; held-out before: %s",
+             s_config, len(copied), before)
+    gen_cfg = {"eos_token_id": sorted(tokenizer.eos_token_ids)} if tokenizer.eos_token_ids else None
+
+    from tqdm import tqdm
+
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    last_ckpt: Path | None = None
+    bar = tqdm(range(cfg.steps), desc="distill", disable=not progress, unit="step")
+    for step in bar:
+        batch = data.batch(cfg.batch_size).to(device)  # [B, T+1]
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            t_logits = teacher(x)  # [B, T, V]
+        s_logits = student(x)
+        loss, parts = distill_loss(s_logits, t_logits, y, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        rec = {"step": step + 1, "loss": float(loss.detach()), **parts,
+               "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0]}
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            ckpt = out_dir / f"checkpoint-{step + 1}"
+            student.eval()
+            save_student(student, tokenizer, ckpt, gen_cfg)
+            student.train()
+            if last_ckpt is not None:  # keep only the newest: each is a full model
+                for f in last_ckpt.iterdir():
+                    f.unlink()
+                last_ckpt.rmdir()
+            last_ckpt = ckpt
+    train_s = time.perf_counter() - t0
+    student.eval().requires_grad_(False)
+    after = evaluate(student, teacher, held, cfg, device)
+    save_student(student, tokenizer, out_dir, gen_cfg)
+    summary: dict[str, object] = {
+        **(meta or {}),
+        "config": asdict(cfg),
+        "student": s_config.to_hf_dict(),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "copied_from_teacher": copied,
+        "frozen": sorted(frozen),
+        "corpus_tokens": len(ids),
+        "held_out_before": before,
+        "held_out_after": after,
+        "train_seconds": round(train_s, 1),
+        "loss_first": history[0] if history else None,
+        "loss_last": history[-1] if history else None,
+        "loss_every_10": [h for h in history if h["step"] % 10 == 0],
+    }
+    (out_dir / "distill.json").write_text(json.dumps(summary, indent=2))
+    return summary

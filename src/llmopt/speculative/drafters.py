@@ -1,0 +1,335 @@
+"""Drafters: cheap guesses of the next few tokens, checked by the target in one forward pass.
+
+Every drafter follows one protocol (``Drafter``). The driver calls ``start`` once per request,
+then per step ``propose(ids, k)`` with the committed tokens (prompt, output, and the last emitted
+token whose keys are not yet in the target's cache), and ``accept(n)`` with how many of the
+proposed tokens the target kept. Model drafters keep their own static KV cache, written by
+position: rolling back is forgetting how far the cache is valid, and tokens the draft has not seen
+(the bonus token, or a backlog after steps without drafting) are fed in one forward next time.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from llmopt.sampling.sampler import SamplingTensors
+from llmopt.sampling.verify import probs_from_logits, sample_from_probs
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [1, m] int64 on the device (m may be 0)
+    num_tokens: int  # m, known on the host without a sync
+    probs: torch.Tensor | None = None  # [1, m, V] the distributions drawn from; None = one-hot
+
+
+class Drafter(Protocol):
+    name: str
+    # Cost of drafting one token relative to one plain target decode step (for adaptive k).
+    cost_per_token: float
+
+    def start(
+        self,
+        prompt_ids: list[int],
+        max_seq_len: int,
+        st: SamplingTensors,
+        generator: torch.Generator | None,
+    ) -> None: ...
+
+    def propose(self, ids: list[int], k: int) -> Proposal: ...
+
+    def accept(self, num_accepted: int) -> None: ...
+
+
+def tokens_to_device(tokens: list[int], device: torch.device) -> torch.Tensor:
+    """[1, m] int64 on ``device``; from pinned memory off-CPU, so the copy does not block."""
+    t = torch.tensor([tokens], dtype=torch.long)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _empty(device: torch.device) -> Proposal:
+    return Proposal(torch.zeros(1, 0, dtype=torch.long, device=device), 0, None)
+
+
+# -- model drafters --------------------------------------------------------------------------------
+class ModelDrafter:
+    """Drafts with a (small) causal LM that shares the target's tokenizer, one token per forward.
+
+    The k draft forwards feed each drafted token back as a device tensor: no host sync inside the
+    draft loop. Greedy targets draft greedily; sampling targets draw from the draft's filtered
+    distribution q (the same temperature/top-k/top-p as the target) and return q for verification.
+    """
+
+    def __init__(self, model: nn.Module, name: str, cost_per_token: float) -> None:
+        self.model = model
+        self.name = name
+        self.cost_per_token = cost_per_token
+        self.device = next(model.parameters()).device
+        self.cached = 0  # positions [0, cached) of the draft's cache hold committed tokens
+        self._base = 0  # position of the first token of the last proposal
+        self._k = 0
+        self._st: SamplingTensors | None = None
+        self._gen: torch.Generator | None = None
+        self._arange = torch.arange(0, device=self.device)
+
+    def start(
+        self,
+        prompt_ids: list[int],
+        max_seq_len: int,
+        st: SamplingTensors,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.model.setup_caches(1, max_seq_len)
+        self._st, self._gen = st, generator
+        # Host-indexed slices of one device arange give positions without a host->device copy.
+        self._arange = torch.arange(max_seq_len + 1, device=self.device)
+        self.cached = 0
+        self._k = 0
+        self._feed(prompt_ids, with_logits=False)
+
+    def _feed(self, tokens: list[int], with_logits: bool = True) -> torch.Tensor | None:
+        """Write ``tokens`` at positions cached.. into the cache; logits [1, V] of the last one."""
+        n = len(tokens)
+        start = self.cached
+        inp = tokens_to_device(tokens, self.device)  # [1, n]
+        positions = self._arange[start : start + n][None]  # [1, n]
+        self.cached = start + n
+        if not with_logits:
+            self.model.hidden_states(inp, positions, kv_len=start + n)
+            return None
+        logits = self.model(inp, positions, kv_len=start + n, logits_idx=self._arange[n - 1 : n])
+        return logits[:, -1]  # [1, V]
+
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        st = self._st
+        assert st is not None
+        if st.all_greedy:
+            return logits.argmax(dim=-1), None  # [1]
+        q = probs_from_logits(logits[:, None], st)[:, 0]  # [1, V]
+        return sample_from_probs(q, self._gen), q
+
+    def propose(self, ids: list[int], k: int) -> Proposal:
+        if k <= 0:
+            return _empty(self.device)
+        # Everything after the valid cache prefix: normally just the last emitted token; after a
+        # fully accepted draft also the last draft token; after steps without drafting, a backlog.
+        logits = self._feed(ids[self.cached :])
+        assert logits is not None
+        base = len(ids)  # position of the first drafted token
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            tok, q = self._pick(logits)  # [1], [1, V] | None
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+            if i == k - 1:
+                break  # the last draft is not fed: the target may replace it
+            pos = base + i
+            logits = self.model(tok[:, None], self._arange[pos : pos + 1][None], kv_len=pos + 1)[:, -1]
+        self._base, self._k = base, k
+        return Proposal(
+            torch.stack(tokens, dim=1),  # [1, k]
+            k,
+            torch.stack(probs, dim=1) if probs else None,  # [1, k, V]
+        )
+
+    def accept(self, num_accepted: int) -> None:
+        if self._k == 0:
+            return
+        # Drafts 1..k-1 were written at base..base+k-2; only the accepted ones stay valid. Entries
+        # beyond are stale but harmless: they are overwritten before any query can attend to them.
+        self.cached = self._base + min(num_accepted, self._k - 1)
+        self._k = 0
+
+
+def _detached_module_copy(module: nn.Module) -> nn.Module:
+    """A new module object with its own child/parameter/buffer tables (tensors shared)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)  # type: ignore[assignment]
+    clone._parameters = dict(module._parameters)  # type: ignore[assignment]
+    clone._buffers = dict(module._buffers)  # type: ignore[assignment]
+    return clone
+
+
+def truncated_model(model: nn.Module, num_layers: int) -> nn.Module:
+    """The target's first ``num_layers`` decoder layers with its final norm and head.
+
+    Weights (whatever their module types, quantised ones included) are shared, not copied; the
+    module tree is separate so the truncated model gets KV caches of its own.
+    """
+    total = len(model.model.layers)
+    if not 1 <= num_layers < total:
+        from llmopt.errors import UserError
+
+        raise UserError(f"self-layers:N needs 1 <= N < {total} (the target's layer count), got {num_layers}")
+    draft = _detached_module_copy(model)
+    inner = _detached_module_copy(model.model)
+    layers = []
+    for layer in list(model.model.layers)[:num_layers]:
+        new_layer = _detached_module_copy(layer)
+        attn = _detached_module_copy(layer.self_attn)
+        attn.kv_cache = None
+        new_layer.self_attn = attn
+        layers.append(new_layer)
+    inner.layers = nn.ModuleList(layers)
+    draft.model = inner
+    draft.config = model.config.replace(num_layers=num_layers)
+    draft.max_seq_len = draft.max_batch_size = 0
+    draft.rope_cos = None
+    draft.rope_sin = None
+    return draft
+
+
+def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
+    """The target quantised with ``scheme`` (int4/int8) on a deep copy: nothing mutable shared."""
+    from llmopt.errors import UserError
+
+    try:
+        from llmopt.quant import api as quant_api
+    except ImportError as e:
+        raise UserError(f"self-{scheme} drafts need the quantisation package (llmopt.quant): {e}") from None
+    config = _quant_config(quant_api, scheme)
+    draft = copy.deepcopy(model)
+    draft.clear_caches()
+    quant_api.quantize_(draft, config)
+    return draft
+
+
+def _quant_config(quant_api: object, scheme: str) -> object:
+    """The default config of ``scheme`` from the quantisation registry."""
+    from llmopt.errors import UserError
+
+    for getter in ("config_from_name", "get_config", "make_config"):
+        fn = getattr(quant_api, getter, None)
+        if callable(fn):
+            return fn(scheme)
+    raise UserError(f"llmopt.quant.api offers no way to build a {scheme!r} config")
+
+
+def model_cost(draft: nn.Module, target: nn.Module) -> float:
+    """Draft step cost relative to the target's, estimated by bytes of weights read per step."""
+
+    def size(m: nn.Module) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in list(m.parameters()) + list(m.buffers()):
+            if id(t) in seen or t.dim() == 0:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
+
+    # Embedding rows are gathered, not streamed: leave them out unless tied to the head.
+    def streamed(m: nn.Module) -> int:
+        emb = m.model.embed_tokens.weight
+        tied = m.lm_head.weight is emb
+        return size(m) - (0 if tied else emb.numel() * emb.element_size())
+
+    return max(0.01, streamed(draft) / max(1, streamed(target)))
+
+
+# -- model-free drafters ---------------------------------------------------------------------------
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (longest n first)
+    in prompt + output and propose what followed it. No model; plain Python on the host."""
+
+    cost_per_token = 0.0
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.name = "ngram"
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.device = torch.device("cpu")
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0
+
+    def start(
+        self,
+        prompt_ids: list[int],
+        max_seq_len: int,
+        st: SamplingTensors,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.device = st.temperature.device
+        self._index = {}
+        self._indexed = 1
+
+    def propose(self, ids: list[int], k: int) -> Proposal:
+        length = len(ids)
+        # Index n-grams ending before the last token (each has a continuation); later occurrences
+        # overwrite earlier ones, so a lookup finds the latest.
+        for end in range(self._indexed, length):
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._index[tuple(ids[end - n : end])] = end
+        self._indexed = max(self._indexed, length)
+        if k <= 0:
+            return _empty(self.device)
+        for n in range(min(self.max_ngram, length), self.min_ngram - 1, -1):
+            end = self._index.get(tuple(ids[length - n :]))
+            if end is not None:
+                cont = ids[end : end + k]
+                return Proposal(tokens_to_device(cont, self.device), len(cont), None)
+        return _empty(self.device)
+
+    def accept(self, num_accepted: int) -> None:
+        pass
+
+
+class ReplayDrafter:
+    """Benchmark only: proposes a given continuation (the target's own greedy output gives the
+    ceiling: every draft accepted, at no drafting cost)."""
+
+    cost_per_token = 0.0
+
+    def __init__(self, continuation: list[int], name: str = "replay") -> None:
+        self.name = name
+        self.continuation = list(continuation)
+        self.device = torch.device("cpu")
+        self._prompt_len = 0
+
+    def start(
+        self,
+        prompt_ids: list[int],
+        max_seq_len: int,
+        st: SamplingTensors,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.device = st.temperature.device
+        self._prompt_len = len(prompt_ids)
+
+    def _next(self, ids: list[int], k: int) -> list[int]:
+        done = len(ids) - self._prompt_len  # output tokens so far, the pending one included
+        return self.continuation[done : done + k]
+
+    def propose(self, ids: list[int], k: int) -> Proposal:
+        cont = self._next(ids, k) if k > 0 else []
+        return Proposal(tokens_to_device(cont, self.device), len(cont), None)
+
+    def accept(self, num_accepted: int) -> None:
+        pass
+
+
+class AlwaysWrongDrafter(ReplayDrafter):
+    """Benchmark only: k tokens that differ from the given reference continuation (the target's
+    greedy output), so greedy verification rejects every one: the floor of speculation."""
+
+    def __init__(self, reference: list[int], vocab_size: int) -> None:
+        super().__init__(reference, name="always-wrong")
+        self.vocab_size = vocab_size
+
+    def propose(self, ids: list[int], k: int) -> Proposal:
+        if k <= 0:
+            return _empty(self.device)
+        ref = self._next(ids, k)
+        ref += [ids[-1]] * (k - len(ref))  # past the reference: anything
+        wrong = [(t + 1) % self.vocab_size for t in ref]
+        return Proposal(tokens_to_device(wrong, self.device), k, None)

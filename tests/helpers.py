@@ -1,0 +1,59 @@
+"""Tiny Hugging Face reference models for the tests (transformers is a test dependency only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_BASE: dict[str, Any] = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+)
+
+# name -> (transformers config class name, overrides)
+TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama2": ("LlamaConfig", {}),
+    "llama3-gqa-rope-scaling": ("LlamaConfig", {
+        "num_key_value_heads": 2, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    }),
+    "mistral-gqa-window": ("MistralConfig", {"num_key_value_heads": 1, "sliding_window": 8}),
+    "qwen2-qkv-bias": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "smollm2-tied": ("LlamaConfig", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "llama-linear-rope": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0) -> Any:
+    import transformers
+
+    cls_name, overrides = TINY_VARIANTS[variant]
+    cfg_cls = getattr(transformers, cls_name)
+    kwargs = {**TINY_BASE, **overrides}
+    if cls_name != "LlamaConfig":
+        kwargs.pop("mlp_bias", None)
+    cfg = cfg_cls(**kwargs)
+    if cls_name == "Qwen2Config":
+        cfg.use_sliding_window = False
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # transformers initialises with std 0.02: widen it so logits are not all near-equal.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2 if "embed" in name or "lm_head" in name else 0.08)
+            elif "bias" in name:
+                p.normal_(0.0, 0.1)
+            else:
+                p.uniform_(0.8, 1.2)
+    return model.eval()
+
+
+def save_hf_model(variant: str, out: Path, seed: int = 0) -> Any:
+    model = make_hf_model(variant, seed)
+    model.save_pretrained(out)
+    return model

@@ -1,0 +1,133 @@
+"""The CLI end to end, and one clear line with exit code 2 for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmopt.cli.main import main
+from llmopt.loading.resolve import known_model_gguf
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_one_line_error(rc: int, err: str, needle: str) -> None:
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle.lower() in lines[0].lower(), lines[0]
+
+
+def test_generate_json(capsys, default_model_dir: str) -> None:
+    rc, out, _ = run_cli(capsys, "generate", "--model", default_model_dir, "--prompt",
+                         "The capital of France is", "--max-new-tokens", "12", "--temperature", "0",
+                         "--json")
+    assert rc == 0
+    obj = json.loads(out)
+    assert "Paris" in obj["text"]
+    assert len(obj["token_ids"]) <= 12 and obj["finish_reason"] in ("stop", "length")
+    assert obj["stats"]["prompt_tokens"] == 5 and obj["stats"]["new_tokens"] == len(obj["token_ids"])
+
+
+def test_generate_streams_then_stats(capsys, default_model_dir: str) -> None:
+    rc, out, err = run_cli(capsys, "generate", "--model", default_model_dir, "--prompt",
+                           "What is 2+2?", "--chat", "--system", "Answer briefly.",
+                           "--max-new-tokens", "16", "--temperature", "0")
+    assert rc == 0
+    assert out.strip()
+    assert "tok/s" in err and "time to first token" in err
+
+
+def test_console_script_default_model() -> None:
+    """The README's demo command, through the installed console script."""
+    exe = shutil.which("llmopt")
+    if exe is None:
+        pytest.skip("llmopt console script not installed")
+    proc = subprocess.run([exe, "generate", "--prompt", "The capital of France is",
+                           "--max-new-tokens", "8", "--temperature", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.01"], "top-p"),
+    (["--top-k", "-3"], "top-k"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--model", "/no/such/model"], "not found"),
+])
+def test_bad_options(capsys, args: list[str], needle: str) -> None:
+    rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", *args)
+    assert_one_line_error(rc, err, needle)
+
+
+def test_cuda_absent(capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--device", "cuda")
+    assert_one_line_error(rc, err, "CUDA is not available")
+
+
+def test_unknown_option_is_one_line(capsys) -> None:
+    rc, _, err = run_cli(capsys, "generate", "--no-such-flag")
+    assert_one_line_error(rc, err, "unrecognized arguments")
+
+
+def test_unsupported_architecture(capsys, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                      "vocab_size": 10}))
+    rc, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert_one_line_error(rc, err, "supported: LlamaForCausalLM")
+
+
+def test_truncated_safetensors(capsys, tmp_path: Path, default_model_dir: str) -> None:
+    src = Path(default_model_dir)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp_path / name)
+    with open(src / "model.safetensors", "rb") as f:
+        (tmp_path / "model.safetensors").write_bytes(f.read(3_000_000))
+    rc, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert_one_line_error(rc, err, "truncated")
+
+
+def test_corrupt_safetensors_header(capsys, tmp_path: Path, default_model_dir: str) -> None:
+    shutil.copy(Path(default_model_dir) / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
+    rc, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert_one_line_error(rc, err, "corrupt")
+
+
+@pytest.mark.parametrize("keep_bytes", [100, 2_000_000, 90_000_000])
+def test_truncated_or_corrupt_gguf(capsys, tmp_path: Path, keep_bytes: int) -> None:
+    with open(known_model_gguf("smollm2-135m"), "rb") as f:
+        data = f.read(keep_bytes)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data if keep_bytes > 100 else b"GGUF" + bytes(range(96)))
+    rc, _, err = run_cli(capsys, "generate", "--model", str(bad), "--prompt", "hi")
+    assert_one_line_error(rc, err, "GGUF")
+
+
+def test_prompt_longer_than_context(capsys, default_model_dir: str) -> None:
+    rc, _, err = run_cli(capsys, "generate", "--model", default_model_dir, "--prompt",
+                         "word " * 9000, "--max-new-tokens", "4")
+    assert_one_line_error(rc, err, "longer than the model's context")
+
+
+def test_debug_shows_traceback() -> None:
+    proc = subprocess.run([sys.executable, "-c", "from llmopt.cli.main import main; main()",
+                           "generate", "--prompt", "hi", "--temperature", "-1", "--debug"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

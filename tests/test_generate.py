@@ -1,0 +1,111 @@
+"""Decoding with the static KV cache equals full forward passes; batched equals one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.engine.generate import Generator
+from llmopt.errors import UserError
+from llmopt.loading.loader import load_model, random_model
+from llmopt.loading.presets import preset_config
+from llmopt.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.float32, seed=3)
+    # Sharpen the head so greedy choices are far from ties.
+    model.lm_head.weight.mul_(40.0)
+    return model
+
+
+def _greedy_no_cache(model, prompt: list[int], n: int) -> list[int]:
+    model.clear_caches()
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_cached_decode_equals_full_forward(tiny) -> None:
+    prompt = [5, 17, 99, 3, 250, 41]
+    ref = _greedy_no_cache(tiny, prompt, 24)
+    gen = Generator(tiny, None, torch.device("cpu"))
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == ref
+    assert out.finish_reason == "length"
+
+
+def test_cached_logits_equal_full_forward_logits(tiny) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (1, 30))
+    tiny.clear_caches()
+    with torch.no_grad():
+        full = tiny(ids)[0]
+        tiny.setup_caches(1, 64)
+        first = tiny(ids[:, :20], torch.arange(20)[None], kv_len=20)[0]
+        steps = [tiny(ids[:, t:t + 1], torch.tensor([[t]]), kv_len=t + 1)[0, 0] for t in range(20, 30)]
+    got = torch.cat([first, torch.stack(steps)])
+    assert (got - full).abs().max().item() < 1e-4
+    tiny.clear_caches()
+
+
+def test_batched_equals_one_by_one(tiny) -> None:
+    prompts = [[7, 8, 9], [100, 200, 300, 400, 500, 11, 12], [42], [3, 1, 4, 1, 5]]
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    gen = Generator(tiny, None, torch.device("cpu"))
+    batched = gen.generate(prompts, params)
+    single = [gen.generate([p], params)[0] for p in prompts]
+    assert [b.token_ids for b in batched] == [s.token_ids for s in single]
+
+
+def test_sampling_is_seeded(tiny) -> None:
+    gen = Generator(tiny, None, torch.device("cpu"))
+    params = SamplingParams(max_new_tokens=12, temperature=5.0, top_k=50, top_p=0.95, seed=123,
+                            ignore_eos=True)
+    a = gen.generate([[1, 2, 3]], params)[0].token_ids
+    b = gen.generate([[1, 2, 3]], params)[0].token_ids
+    c = gen.generate([[1, 2, 3]], SamplingParams(**{**params.__dict__, "seed": 124}))[0].token_ids
+    assert a == b
+    assert a != c
+
+
+def test_eos_and_max_tokens(tiny) -> None:
+    gen = Generator(tiny, None, torch.device("cpu"))
+    free = gen.generate([[9, 9]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    eos_tok = free.token_ids[3]
+    first_eos = free.token_ids.index(eos_tok)
+    gen.config = tiny.config.replace(eos_token_ids=(eos_tok,))
+    out = gen.generate([[9, 9]], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[:first_eos]
+
+
+def test_prompt_longer_than_context(tiny) -> None:
+    gen = Generator(tiny, None, torch.device("cpu"))
+    with pytest.raises(UserError, match="longer than the model's context"):
+        gen.generate([[1] * 2000], SamplingParams(max_new_tokens=4))
+
+
+def test_default_model_batched_and_stop_strings(default_model_dir: str) -> None:
+    lm = load_model(default_model_dir, device="cpu", progress=False)
+    gen = Generator(lm.model, lm.tokenizer, torch.device("cpu"))
+    prompts = ["The capital of France is", "Once upon a time, there was a little"]
+    ids = [lm.tokenizer.encode(p) for p in prompts]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    batched = gen.generate(ids, params)
+    single = [gen.generate([i], params)[0] for i in ids]
+    assert [b.token_ids for b in batched] == [s.token_ids for s in single]
+    # A stop string cuts the text before it and ends the request; streamed text matches.
+    full = single[0].text
+    stop = full.strip().split()[1]
+    chunks: list[str] = []
+    out = gen.generate([ids[0]], SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True,
+                                                stop=(stop,)), stream=lambda i, d: chunks.append(d))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)]
+    assert "".join(chunks) == out.text
