@@ -28,12 +28,19 @@ class LLM:
         model: str = "smollm2-135m",
         device: str = "auto",
         dtype: str = "auto",
-        attention: str = "sdpa",
+        attention: str = "auto",
         progress: bool = True,
+        compile: bool = False,
+        compile_mode: str = "reduce-overhead",
         engine: str = "static",
         engine_config: EngineConfig | None = None,
+        loaded: LoadedModel | None = None,
+        quant: str | None = None,
     ) -> None:
-        self.loaded: LoadedModel = load_model(model, device=device, dtype=dtype, progress=progress)
+        # ``loaded``: a model loaded elsewhere (e.g. one tensor-parallel rank's shard).
+        self.loaded: LoadedModel = (
+            loaded if loaded is not None else load_model(model, device=device, dtype=dtype, progress=progress, quant=quant)
+        )
         self.model = self.loaded.model
         self.model.set_attention_backend(attention)
         self.tokenizer = self.loaded.tokenizer
@@ -41,7 +48,8 @@ class LLM:
         # "static": the latency path (one static batch); "paged": continuous batching, paged KV.
         if engine not in ("static", "paged"):
             raise UserError(f"unknown engine {engine!r}; use static or paged")
-        self.generator = Generator(self.model, self.tokenizer, self.device)
+        self.generator = Generator(self.model, self.tokenizer, self.device, compile=compile,
+                                   compile_mode=compile_mode)
         self.engine: LLMEngine | None = None
         if engine == "paged":
             from llmopt.engine.llm_engine import LLMEngine

@@ -55,6 +55,13 @@ def list_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """``auto``: the split-K Triton decode kernel on CUDA, SDPA elsewhere."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "sdpa"
+    return name
+
+
 def get_backend(name: str) -> AttentionBackend:
     _import_builtin()
     if name not in _REGISTRY:
@@ -63,4 +70,4 @@ def get_backend(name: str) -> AttentionBackend:
 
 
 def _import_builtin() -> None:
-    from llmopt.attention import sdpa  # noqa: F401
+    from llmopt.attention import sdpa, triton_decode  # noqa: F401

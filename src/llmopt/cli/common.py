@@ -15,7 +15,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
-    p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
+    p.add_argument("--attention", default="auto",
+                   help="attention backend: auto (triton on GPU, sdpa on CPU), sdpa, triton")
+    p.add_argument("--quant", default=None, metavar="METHOD",
+                   help="quantise on the fly: int8, int4[-gN], nf4, fp8, gptq[-gN][-w3], awq[-gN] "
+                        "(options as METHOD:key=value,...)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: split the model over N GPUs (or CPU processes); "
                         "starts them itself, or joins ranks started by torchrun (default 1)")

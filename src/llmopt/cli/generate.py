@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step into one CUDA graph (torch.compile)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="reduce-overhead (default), max-autotune, max-autotune-no-cudagraphs, default")
     add_speculative_args(p)
 
 
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = llm.broadcast(prompt)
         is_main = llm.is_main
     else:
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+                  quant=args.quant, compile=args.compile, compile_mode=args.compile_mode)
         is_main = True
     if args.draft:
         from llmopt.speculative import SpeculativeGenerator, build_drafter

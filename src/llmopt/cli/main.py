@@ -14,9 +14,12 @@ from llmopt.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llmopt.cli.generate", "generate text from a prompt"),
     "convert": ("llmopt.cli.convert", "convert a GGUF file into a Hugging Face-style directory"),
+    "bench": ("llmopt.cli.bench", "measure decode speed against the memory-bandwidth roofline"),
     "serve": ("llmopt.cli.serve", "serve an OpenAI-compatible HTTP API (continuous batching)"),
     "bench-serve": ("llmopt.cli.bench_serve", "serving benchmark: throughput, TTFT, TPOT"),
     "distill": ("llmopt.cli.distill", "train a small draft model on a teacher's logits"),
+    "quantize": ("llmopt.cli.quantize", "write a quantised checkpoint (int8, int4, nf4, fp8, gptq, awq)"),
+    "eval": ("llmopt.cli.eval", "perplexity, and agreement / KL against a reference model"),
 }
 
 
@@ -31,7 +34,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Only the chosen subcommand's module is imported (fast start; one broken optional feature
+    cannot take the others down)."""
     parser = _Parser(prog="llmopt", description="Fast LLM inference in pure PyTorch, measured.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -41,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks on errors")
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name in argv:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -51,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        parser = build_parser()
+        chosen = next((a for a in argv if not a.startswith("-")), "")
+        parser = build_parser([chosen] if chosen in SUBCOMMANDS else [])
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help, or a usage error already printed as one line

@@ -132,7 +132,7 @@ class BlockManager:
         bs = self.block_size
         rid = req.request_id
         done = self._num_registered.get(rid, 0)
-        full = num_tokens // bs
+        full = min(num_tokens, req.num_tokens) // bs  # only blocks whose tokens are all known
         if full <= done:
             return
         hashes = req.update_block_hashes(bs)

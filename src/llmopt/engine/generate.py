@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmopt.devices import synchronize
+from llmopt.devices import HostTokens, synchronize
 from llmopt.engine.outputs import GenerationStats, RequestOutput
 from llmopt.errors import UserError
 from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -34,11 +34,41 @@ class _Row:
 
 
 class Generator:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, device: torch.device) -> None:
+    """Static-batch generation. ``compile=True`` turns the decode step into one CUDA graph
+    (torch.compile); the host then reads each step's tokens one step late, so the GPU never
+    waits for the host."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer | None,
+        device: torch.device,
+        compile: bool = False,
+        compile_mode: str = "reduce-overhead",
+        max_seq_len: int | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.config = model.config
+        self.compiled = compile
+        # A compiled graph is specialised to the cache shape: keep one fixed size.
+        self.fixed_seq_len = (max_seq_len or 0) if compile else None
+        self._decode_graph = None
+        if compile:
+            from llmopt.engine.compile import compile_fn
+
+            self._decode_graph = compile_fn(self._decode_static, compile_mode)
+
+    def _decode_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # tokens, positions: [B, 1]; reads the whole static cache (the backend limits by length)
+        return self.model(tokens, positions)[:, -1]  # [B, V]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One decode step: [B, 1] tokens at [B, 1] positions -> [B, V] logits."""
+        if self._decode_graph is not None:
+            return self._decode_graph(tokens, positions)
+        return self.model(tokens, positions, kv_len=kv_len)[:, -1]
 
     def max_context(self) -> int:
         return self.config.max_position_embeddings
@@ -54,6 +84,11 @@ class Generator:
 
     def _ensure_cache(self, batch: int, needed: int) -> None:
         size = min(-(-needed // CACHE_ROUND) * CACHE_ROUND, self.max_context())
+        if self.fixed_seq_len is not None:
+            # Growing the cache changes the graph's shapes: a recompile, so grow rarely.
+            self.fixed_seq_len = size = max(self.fixed_seq_len, size)
+            if self.model.max_seq_len != size or self.model.max_batch_size < batch:
+                self.model.clear_caches()
         self.model.setup_caches(batch, size)
 
     @torch.inference_mode()
@@ -99,21 +134,26 @@ class Generator:
         next_tok = sample(logits[:, -1], st, gens, seen)  # [B]
         cur_pos = lens_t.clone()  # [B] position the next token is written at
         host = next_tok.tolist()
-        synchronize(dev)
         t_first = time.perf_counter()
         self._accept(rows, host, params, eos, stream)
         kv_len = longest
+        pending: HostTokens | None = None
         for _ in range(max_new - 1):
             if all(r.finished for r in rows):
                 break
             if seen is not None:
                 seen[torch.arange(bsz, device=dev), next_tok] = True
             kv_len += 1
-            logits = self.model(next_tok[:, None], cur_pos[:, None], kv_len=kv_len)  # [B, 1, V]
+            logits = self.decode(next_tok[:, None], cur_pos[:, None], kv_len)  # [B, V]
             cur_pos += 1
-            next_tok = sample(logits[:, -1], st, gens, seen)
-            host = next_tok.tolist()  # the one device->host copy per step
-            self._accept(rows, host, params, eos, stream)
+            next_tok = sample(logits, st, gens, seen)
+            # Read the previous step's tokens while this one runs on the device.
+            if pending is not None:
+                self._accept(rows, pending.get(), params, eos, stream)
+            pending = HostTokens(next_tok)
+        if pending is not None:
+            self._accept(rows, pending.get(), params, eos, stream)
+        synchronize(dev)
         for i, r in enumerate(rows):
             self._finish_text(i, r, stream)
         t_end = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.devices import resolve_device, resolve_dtype
-from llmopt.errors import CheckpointError
+from llmopt.errors import CheckpointError, UserError
 from llmopt.loading.resolve import resolve_model
 from llmopt.loading.tokenizer import Tokenizer
 from llmopt.models import build_model
@@ -38,6 +38,7 @@ class LoadedModel:
     dtype: torch.dtype
     random_weights: bool
     load_seconds: float
+    quant: str | None = None  # the quantisation method of the weights, if any
 
 
 def load_model(
@@ -46,7 +47,9 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
     seed: int = 0,
+    quant: str | None = None,
 ) -> LoadedModel:
+    """``quant``: a quantisation spec (``llmopt.quant.parse_quant_spec``) applied on the fly."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -55,8 +58,13 @@ def load_model(
 
         config = preset_config(spec.split(":", 1)[1])
         model = random_model(config, dev, dt, seed)
-        return LoadedModel(model, None, config, spec, dev, dt, True, time.perf_counter() - t0)
+        if quant:
+            from llmopt.quant.api import quantize_loaded
+
+            quantize_loaded(model, quant, None, progress)
+        return LoadedModel(model, None, config, spec, dev, dt, True, time.perf_counter() - t0, quant)
     path = resolve_model(spec, progress=progress)
+    transform: Callable[[nn.Module], None] | None = None
     if path.is_dir():
         config = ModelConfig.from_file(path / "config.json")
         tokenizer: Tokenizer | None = None
@@ -67,6 +75,13 @@ def load_model(
         from llmopt.loading.safetensors_io import iter_safetensors
 
         tensors: Iterator[tuple[str, torch.Tensor]] = iter_safetensors(path)
+        from llmopt.quant.checkpoint import load_plan
+
+        plan = load_plan(path)  # quantised checkpoint: swap modules, convert its tensors
+        if plan is not None:
+            if quant:
+                raise UserError(f"{path} is already quantised ({plan.config.method}); drop --quant")
+            tensors, transform, quant = plan.wrap(tensors), plan.transform, plan.config.method
     else:
         from llmopt.loading.gguf_io import iter_gguf_tensors, read_gguf
 
@@ -76,8 +91,12 @@ def load_model(
             contents.tokenizer_json, contents.tokenizer_config, contents.generation_config
         )
         tensors = iter_gguf_tensors(reader, config)
-    model = model_from_tensors(config, tensors, dev, dt)
-    return LoadedModel(model, tokenizer, config, str(path), dev, dt, False, time.perf_counter() - t0)
+    model = model_from_tensors(config, tensors, dev, dt, transform)
+    if quant and transform is None:
+        from llmopt.quant.api import quantize_loaded
+
+        quantize_loaded(model, quant, tokenizer, progress)
+    return LoadedModel(model, tokenizer, config, str(path), dev, dt, False, time.perf_counter() - t0, quant)
 
 
 def model_from_tensors(
@@ -85,9 +104,14 @@ def model_from_tensors(
     tensors: Iterator[tuple[str, torch.Tensor]],
     device: torch.device,
     dtype: torch.dtype,
+    transform: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
+    """``transform`` edits the meta model before tensors are assigned (quantised checkpoints
+    swap in their modules, so the expected names, shapes and dtypes become theirs)."""
     with torch.device("meta"):
         model = build_model(config)
+        if transform is not None:
+            transform(model)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for name, t in tensors:
@@ -101,7 +125,9 @@ def model_from_tensors(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}"
             )
-        state[name] = t.to(device=device, dtype=dtype)
+        # Float tensors take the model dtype; packed codes (integers, fp8) keep their own.
+        cast = t.is_floating_point() and t.element_size() > 1
+        state[name] = t.to(device=device, dtype=dtype if cast else t.dtype)
     missing = [n for n in expected if n not in state and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""

@@ -131,7 +131,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_attention_backend(self, name: str) -> None:
-        self.attention = get_backend(name)
+        from llmopt.attention.base import resolve_backend_name
+
+        self.attention = get_backend(resolve_backend_name(name, self.model.norm.weight.device))
 
     def init_rope(self, max_seq_len: int, device: torch.device | str) -> None:
         """Rotary tables for positions [0, max_seq_len), computed in float64 then kept in float32."""

@@ -38,6 +38,7 @@ class TPComm:
         self._group_name = ""
         self._one_shot_copy = False
         self._two_shot_out = False
+        self._active = False  # symmetric-memory path on
 
     # -- symmetric memory -----------------------------------------------------------------------
     def enable_symm_mem(
@@ -47,15 +48,55 @@ class TPComm:
         import torch.distributed._symmetric_memory as symm_mem
 
         assert mode in ("symm-one-shot", "symm-two-shot"), mode
+        if self._buf is not None and self._buf.dtype == dtype and self._buf.numel() >= numel:
+            self.mode, self._active = mode, True  # reuse: rendezvous happens once per buffer
+            return
         self._group_name = self.group.group_name
         buf = symm_mem.empty(numel, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, self._group_name)
         ops = torch.ops.symm_mem
         self._one_shot_copy = hasattr(ops, "one_shot_all_reduce_copy")
         self._two_shot_out = hasattr(ops, "two_shot_all_reduce_out")
+        try:
+            # Compiled graphs (cudagraph trees) then use the buffer in place instead of copying
+            # it into graph-owned memory, which would not be symmetric.
+            torch._dynamo.mark_static_address(buf)
+        except Exception as e:  # older torch: eager and manual CUDA graphs still work
+            log.debug("mark_static_address: %s", e)
         self._buf = buf
-        self.mode = mode
+        self.mode, self._active = mode, True
         log.info("symmetric-memory all-reduce (%s), %d elements of %s", mode, numel, dtype)
+
+    def enable_inductor_symm_mem(self, threshold_bytes: int = 256 * 1024) -> bool:
+        """Let inductor lower compiled all-reduces of small tensors to one-shot symmetric-memory
+        kernels, writing the producing kernel's output straight into symmetric memory (no copy).
+        Only affects compiled code; returns False when this torch has no such option."""
+        import torch._inductor.config as inductor_config
+        import torch.distributed._symmetric_memory as symm_mem
+
+        coll = getattr(inductor_config, "_collective", None)
+        if coll is None or not hasattr(coll, "auto_select"):
+            return False
+        coll.auto_select = True
+        coll.one_shot_all_reduce_threshold_bytes = threshold_bytes
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable(self.group.group_name)
+        self.mode, self._active = "symm-inductor", False
+        return True
+
+    def disable_symm_mem(self) -> None:
+        """Back to NCCL (the buffer stays allocated for a later ``enable_symm_mem``)."""
+        if self.mode == "symm-inductor":
+            import torch._inductor.config as inductor_config
+
+            inductor_config._collective.auto_select = False
+        self.mode = "nccl" if self.backend == "nccl" else self.backend
+        self._active = False
 
     def _symm_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         assert self._buf is not None
@@ -81,7 +122,7 @@ class TPComm:
 
     def _use_symm(self, x: torch.Tensor) -> bool:
         buf = self._buf
-        return buf is not None and x.dtype == buf.dtype and x.numel() <= buf.numel()
+        return self._active and buf is not None and x.dtype == buf.dtype and x.numel() <= buf.numel()
 
     # -- the collectives ------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

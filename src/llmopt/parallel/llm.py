@@ -9,13 +9,17 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from llmopt.api import LLM
-from llmopt.engine.generate import Generator, StreamCallback
+from llmopt.engine.generate import StreamCallback
 from llmopt.engine.outputs import RequestOutput
 from llmopt.parallel.loading import ShardedLoadedModel, load_sharded
 from llmopt.parallel.process_group import TPContext, init_tp
 from llmopt.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llmopt.engine.llm_engine import EngineConfig
 
 
 class ShardedLLM(LLM):
@@ -28,20 +32,18 @@ class ShardedLLM(LLM):
         attention: str = "sdpa",
         allreduce: str = "nccl",
         progress: bool = True,
+        engine: str = "static",
+        engine_config: EngineConfig | None = None,
     ) -> None:
-        # Not LLM.__init__: that loads the whole model; here each rank loads its shard.
         self.tp: TPContext = init_tp(tp, device, allreduce)
-        self.loaded: ShardedLoadedModel = load_sharded(
+        shard: ShardedLoadedModel = load_sharded(
             model, self.tp, dtype=dtype, progress=progress and self.tp.is_main and sys.stderr.isatty()
         )
-        self.model = self.loaded.model
-        self.model.set_attention_backend(attention)
         if allreduce != "nccl":
-            assert self.loaded.comm is not None
-            self.loaded.comm.enable_symm_mem(allreduce, self.loaded.dtype, self.tp.device)
-        self.tokenizer = self.loaded.tokenizer
-        self.device = self.loaded.device
-        self.generator = Generator(self.model, self.tokenizer, self.device)
+            assert shard.comm is not None
+            shard.comm.enable_symm_mem(allreduce, shard.dtype, self.tp.device)
+        super().__init__(model, device=str(shard.device), dtype=dtype, attention=attention,
+                         progress=progress, engine=engine, engine_config=engine_config, loaded=shard)
 
     @property
     def is_main(self) -> bool:

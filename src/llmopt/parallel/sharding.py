@@ -56,6 +56,8 @@ class TensorLayout:
     in_dim: int | None
     out_block: int = 1
     in_block: int = 1
+    row_parallel: bool = True  # False: cannot be split by input feature (e.g. act-order perm)
+    shardable: bool = True  # False: blocks cross both axes, the module cannot be split at all
 
 
 LayoutFn = Callable[[nn.Module], dict[str, TensorLayout]]
@@ -116,13 +118,55 @@ def _infer_layout(m: nn.Module) -> dict[str, TensorLayout]:
     return layouts
 
 
+_QUANT_REGISTERED = False
+
+
+def _register_quant_layouts() -> None:
+    """Layouts of ``llmopt.quant`` modules, registered the first time one is met (so importing
+    this module never imports the quantisation code)."""
+    global _QUANT_REGISTERED
+    _QUANT_REGISTERED = True
+    try:
+        from llmopt.quant import linear as ql
+    except ImportError:
+        return
+
+    def per_channel(m: nn.Module) -> dict[str, TensorLayout]:
+        # qweight [N, K]; scales [N]: one scale per output channel multiplies the partial sums.
+        return {"qweight": TensorLayout(0, 1), "scales": TensorLayout(0, None),
+                "bias": TensorLayout(0, None)}
+
+    def packed_groups(m: nn.Module) -> dict[str, TensorLayout]:
+        # qweight int32 [K/8, N] (8 codes per int along K); scales/zeros/absmax [K/group, N].
+        group = int(getattr(m, "group_size", 0) or getattr(m, "block_size", 0))
+        grouped = TensorLayout(1, 0, 1, group)
+        return {"qweight": TensorLayout(1, 0, 1, 8), "scales": grouped, "zeros": grouped,
+                "absmax": grouped, "absmax_codes": grouped,
+                # Double-quantised absmax blocks run over the flattened [G, N] matrix.
+                "absmax_scales": TensorLayout(None, None, shardable=False),
+                "absmax_offset": TensorLayout(None, None),
+                # act-order: x is gathered into sorted channel order, so a rank's input slice is
+                # not a slice of the stored order; fine for column-parallel (input not split).
+                "perm": TensorLayout(None, None, row_parallel=False),
+                "bias": TensorLayout(0, None)}
+
+    for name, fn in (("Int8Linear", per_channel), ("FP8Linear", per_channel),
+                     ("Int4Linear", packed_groups), ("NF4Linear", packed_groups)):
+        cls = getattr(ql, name, None)
+        if cls is not None:
+            _LAYOUTS.setdefault(cls, fn)
+
+
 def module_layout(m: nn.Module) -> dict[str, TensorLayout]:
     tp_layout = getattr(m, "tp_layout", None)
     if callable(tp_layout):
         return dict(tp_layout())
+    if not _QUANT_REGISTERED and type(m).__module__.startswith("llmopt.quant"):
+        _register_quant_layouts()
     for cls in type(m).__mro__:
         if cls in _LAYOUTS:
-            return _LAYOUTS[cls](m)
+            tensors = _own_tensors(m)
+            return {n: lay for n, lay in _LAYOUTS[cls](m).items() if n in tensors}
     if hasattr(m, "in_features") and hasattr(m, "out_features"):
         return _infer_layout(m)
     raise UserError(f"cannot shard a {type(m).__name__}: it declares no tensor layout")
@@ -236,6 +280,11 @@ def _tensor_shard(
     column = ms.role in ("column", "vocab_embedding", "vocab_head")
     dim, block = (layout.out_dim, layout.out_block) if column else (layout.in_dim, layout.in_block)
     full_name = f"{module_name}.{tensor_name}"
+    if not layout.shardable or (not column and not layout.row_parallel):
+        raise UserError(
+            f"cannot split {full_name} for tensor parallelism ({ms.role}-parallel): its layout "
+            "does not divide by features (double-quantised or act-order weights)"
+        )
     if dim is None:
         # Column: the tensor does not vary by output feature (a global scale): all of it.
         # Row: it varies by output feature only. A per-channel scale multiplies the partial sums
@@ -292,9 +341,14 @@ def make_plan(model: nn.Module, world_size: int, rank: int) -> ShardPlan:
         if ms is None:
             continue
         plan.modules[name] = ms
-        for tname, layout in module_layout(m).items():
-            if tname in _own_tensors(m):
-                plan.tensors[f"{name}.{tname}"] = _tensor_shard(name, tname, layout, ms, rank)
+        layouts = module_layout(m)
+        unknown = sorted(set(_own_tensors(m)) - set(layouts))
+        if unknown:
+            raise UserError(
+                f"cannot shard {name} ({type(m).__name__}): no layout for its tensor(s) {', '.join(unknown)}"
+            )
+        for tname, layout in layouts.items():
+            plan.tensors[f"{name}.{tname}"] = _tensor_shard(name, tname, layout, ms, rank)
     for n in state_names:
         plan.tensors.setdefault(n, TensorShard())  # norms and anything else: replicated
     return plan

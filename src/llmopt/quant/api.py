@@ -191,3 +191,26 @@ def check_layers_fit(model: nn.Module, config: QuantConfig, group_size: int, mul
             )
         if k % multiple:
             raise UserError(f"layer {name} has in_features {k}, not a multiple of {multiple} (needed for packing)")
+
+
+def quantize_loaded(
+    model: nn.Module,
+    spec: str | QuantConfig,
+    tokenizer: Any | None,
+    progress: bool = False,
+    calib_path: str | None = None,
+    calib_tokens: int | None = None,
+    calib_seq_len: int | None = None,
+) -> QuantConfig:
+    """On-the-fly quantisation of a loaded model (``--quant``): calibrated methods read the
+    packaged emma.txt unless told otherwise (random token ids when there is no tokenizer)."""
+    config = parse_quant_spec(spec) if isinstance(spec, str) else spec
+    calibration = None
+    if config.needs_calibration:
+        from llmopt.quant.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, load_calibration
+
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        calibration = load_calibration(tokenizer, calib_path, calib_tokens or DEFAULT_CALIB_TOKENS,
+                                       calib_seq_len or DEFAULT_CALIB_SEQ_LEN, vocab)
+    quantize_(model, config, calibration, progress)
+    return config

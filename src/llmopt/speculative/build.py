@@ -22,14 +22,15 @@ from llmopt.speculative.drafters import (
 log = logging.getLogger(__name__)
 
 DRAFT_HELP = ("draft for speculative decoding: a model (name, directory, .gguf, preset:NAME) sharing "
-              "the target's tokenizer, self-int4, self-int8, self-layers:N (the target's first N "
+              "the target's tokenizer, self-int4[-gN], self-int8, self-layers:N (the target's first N "
               "layers) or ngram[:N] (prompt lookup with n-grams up to N tokens)")
 
 
 @dataclass(frozen=True)
 class DraftSpec:
-    kind: str  # "model", "self-int4", "self-int8", "self-layers", "ngram"
+    kind: str  # "model", "self-quant", "self-layers", "ngram"
     model: str | None = None
+    quant: str = ""  # quantisation spec of a self-quant draft (llmopt.quant), e.g. "int4-g64"
     num_layers: int = 0
     max_ngram: int = 4
 
@@ -39,15 +40,16 @@ def parse_draft_spec(spec: str) -> DraftSpec:
     s = spec.strip()
     if not s:
         raise UserError("--draft is empty")
-    if s in ("self-int4", "self-int8"):
-        return DraftSpec(s)
+    if s.startswith(("self-int4", "self-int8")):
+        # Any llmopt.quant spec of an int4/int8 scheme: self-int4, self-int4-g32, self-int8.
+        return DraftSpec("self-quant", quant=s.removeprefix("self-"))
     if s.startswith("self-layers"):
         _, _, n = s.partition(":")
         if not n.isdigit() or int(n) < 1:
             raise UserError(f"--draft {spec!r}: use self-layers:N with N >= 1 (e.g. self-layers:8)")
         return DraftSpec("self-layers", num_layers=int(n))
     if s.startswith("self-"):
-        raise UserError(f"unknown self-draft {spec!r}; known: self-int4, self-int8, self-layers:N")
+        raise UserError(f"unknown self-draft {spec!r}; known: self-int4[-gN], self-int8, self-layers:N")
     if s == "ngram" or s.startswith("ngram:"):
         _, _, n = s.partition(":")
         if n and (not n.isdigit() or int(n) < 2):
@@ -95,9 +97,9 @@ def build_drafter(
     if ds.kind == "self-layers":
         draft = truncated_model(target, ds.num_layers)
         return ModelDrafter(draft, f"self-layers:{ds.num_layers}", model_cost(draft, target))
-    if ds.kind in ("self-int4", "self-int8"):
-        draft = quantized_copy(target, ds.kind.removeprefix("self-"))
-        return ModelDrafter(draft, ds.kind, model_cost(draft, target))
+    if ds.kind == "self-quant":
+        draft = quantized_copy(target, ds.quant)
+        return ModelDrafter(draft, f"self-{ds.quant}", model_cost(draft, target))
     assert ds.model is not None
     from llmopt.loading.loader import load_model
 

@@ -118,6 +118,9 @@ class ModelDrafter:
     def propose(self, ids: list[int], k: int) -> Proposal:
         if k <= 0:
             return _empty(self.device)
+        if self._k:  # a proposal nobody accepted: treat it as fully rejected
+            self.accept(0)
+        self.cached = min(self.cached, len(ids) - 1)  # always feed one token to get logits
         # Everything after the valid cache prefix: normally just the last emitted token; after a
         # fully accepted draft also the last draft token; after steps without drafting, a backlog.
         logits = self._feed(ids[self.cached :])
@@ -188,30 +191,26 @@ def truncated_model(model: nn.Module, num_layers: int) -> nn.Module:
     return draft
 
 
-def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
-    """The target quantised with ``scheme`` (int4/int8) on a deep copy: nothing mutable shared."""
+def quantized_copy(model: nn.Module, spec: str) -> nn.Module:
+    """The target quantised by ``llmopt.quant`` (``spec`` e.g. "int4", "int4-g64", "int8") on a
+    deep copy: the copy shares nothing mutable with the target, whose weights stay untouched."""
     from llmopt.errors import UserError
 
     try:
-        from llmopt.quant import api as quant_api
+        from llmopt.quant.api import parse_quant_spec, quantize_
     except ImportError as e:
-        raise UserError(f"self-{scheme} drafts need the quantisation package (llmopt.quant): {e}") from None
-    config = _quant_config(quant_api, scheme)
+        raise UserError(f"self-{spec} drafts need the quantisation package (llmopt.quant): {e}") from None
+    config = parse_quant_spec(spec)
+    group = getattr(config, "group_size", None)
+    smallest = min(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+    if group is not None and "-g" not in spec and group > smallest:
+        # Small models: the default group size may not fit; take the largest power of two that does.
+        fit = 1 << (smallest.bit_length() - 1)
+        config = parse_quant_spec(f"{spec}-g{fit}")
     draft = copy.deepcopy(model)
     draft.clear_caches()
-    quant_api.quantize_(draft, config)
+    quantize_(draft, config)
     return draft
-
-
-def _quant_config(quant_api: object, scheme: str) -> object:
-    """The default config of ``scheme`` from the quantisation registry."""
-    from llmopt.errors import UserError
-
-    for getter in ("config_from_name", "get_config", "make_config"):
-        fn = getattr(quant_api, getter, None)
-        if callable(fn):
-            return fn(scheme)
-    raise UserError(f"llmopt.quant.api offers no way to build a {scheme!r} config")
 
 
 def model_cost(draft: nn.Module, target: nn.Module) -> float:

@@ -1,0 +1,1 @@
+"""Measurement code behind ``llmopt bench``."""

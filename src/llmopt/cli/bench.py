@@ -1,0 +1,63 @@
+"""``llmopt bench``: decode speed against the memory-bandwidth roofline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from llmopt.cli.common import add_model_args
+
+T_PROCESS_START = time.perf_counter()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (>= 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs after the first")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph)")
+    p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
+    p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmopt.bench.latency import BenchConfig, format_table, run_latency_bench
+    from llmopt.loading.loader import load_model
+
+    cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len,
+                      new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup)
+    if getattr(args, "tp", 1) > 1:
+        from llmopt.errors import UserError
+
+        raise UserError("bench --tp is not wired yet; see docs/parallel.md for the TP benchmark")
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None))
+    needed = cfg.prompt_len + cfg.new_tokens
+    if needed > lm.config.max_position_embeddings:
+        from llmopt.errors import UserError
+
+        raise UserError(f"prompt-len + new-tokens = {needed} exceeds the model's context "
+                        f"({lm.config.max_position_embeddings})")
+    attention = args.attention
+    if attention == "auto":
+        attention = "triton" if lm.device.type == "cuda" else "sdpa"
+    lm.model.set_attention_backend(attention)
+    result = run_latency_bench(
+        lm.model, lm.device, cfg, model_name=args.model, random_weights=lm.random_weights,
+        attention=attention, compile=args.compile, compile_mode=args.compile_mode,
+        quant=getattr(args, "quant", None), load_s=lm.load_seconds, t_process_start=T_PROCESS_START,
+        profile_dir=Path(args.profile) if args.profile else None,
+    )
+    print(format_table(result))
+    if args.json_path:
+        out = result.as_dict()
+        import sys
+
+        out["command"] = "llmopt " + " ".join(sys.argv[1:])
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,1 @@
+"""Triton kernels shared across features. Each module imports triton itself, only when used."""

@@ -1,0 +1,221 @@
+"""Speculative decoding: greedy equality for every drafter, cache rollback, adaptive k, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from llmopt.engine.generate import Generator
+from llmopt.loading.loader import random_model
+from llmopt.loading.presets import preset_config
+from llmopt.sampling import SamplingParams, SamplingTensors
+from llmopt.speculative import (
+    AlwaysWrongDrafter,
+    ModelDrafter,
+    NgramDrafter,
+    ReplayDrafter,
+    SpeculativeConfig,
+    SpeculativeGenerator,
+    build_drafter,
+    parse_draft_spec,
+)
+from llmopt.speculative.adaptive import AdaptiveK, AdaptiveKConfig
+from llmopt.speculative.drafters import model_cost
+
+CPU = torch.device("cpu")
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+
+
+def _quant_available() -> bool:
+    try:
+        from llmopt.quant import api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return random_model(preset_config("tiny").replace(num_layers=3), CPU, torch.float32, seed=0)
+
+
+def _drafters(model: torch.nn.Module, reference: list[int], names: list[str]) -> list:
+    out = []
+    for name in names:
+        if name == "replay":
+            out.append(ReplayDrafter(reference))
+        elif name == "always-wrong":
+            out.append(AlwaysWrongDrafter(reference, model.config.vocab_size))
+        elif name == "draft-model":
+            other = random_model(model.config.replace(num_layers=1), CPU, torch.float32, seed=7)
+            out.append(ModelDrafter(other, "draft-model", model_cost(other, model)))
+        elif name.startswith("self-int") and not _quant_available():
+            continue
+        else:
+            out.append(build_drafter(name, model, None))
+    return out
+
+
+TINY_DRAFTERS = ["ngram", "self-layers:1", "self-layers:2", "replay", "always-wrong", "draft-model",
+                 "self-int4"]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_greedy_equal_for_every_drafter_tiny(tiny: torch.nn.Module, adaptive: bool) -> None:
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    ref = Generator(tiny, None, CPU).generate([prompt], GREEDY)[0].token_ids
+    for drafter in _drafters(tiny, ref, TINY_DRAFTERS):
+        gen = SpeculativeGenerator(tiny, None, CPU, drafter, SpeculativeConfig(k=3, adaptive=adaptive))
+        out = gen.generate([prompt], GREEDY)[0]
+        assert out.token_ids == ref, drafter.name
+        stats = out.extra["speculative"]
+        assert isinstance(stats, dict)
+        if drafter.name == "replay":
+            assert stats["acceptance_rate"] == 1.0 and stats["mean_tokens_per_step"] > 3
+        if drafter.name == "always-wrong":
+            assert stats["accepted_tokens"] == 0 and stats["drafted_tokens"] > 0
+        if not adaptive and drafter.name.startswith("self-layers"):
+            assert stats["draft_steps"] >= stats["steps"] - 2  # really drafted each step
+
+
+def test_greedy_equal_default_model(default_model_dir: str) -> None:
+    from llmopt.loading.loader import load_model
+
+    lm = load_model(default_model_dir, device="cpu", progress=False)
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good "
+            "fortune, must be in want of a wife. It is a truth universally")
+    prompt = lm.tokenizer.encode(text)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    ref = Generator(lm.model, lm.tokenizer, CPU).generate([prompt], params)[0]
+    drafters = _drafters(lm.model, ref.token_ids,
+                         ["ngram", "self-layers:10", "replay", "always-wrong", "self-int8"])
+    for drafter in drafters:
+        gen = SpeculativeGenerator(lm.model, lm.tokenizer, CPU, drafter,
+                                   SpeculativeConfig(k=4, adaptive=False))
+        out = gen.generate([prompt], params)[0]
+        assert out.token_ids == ref.token_ids, drafter.name
+        assert out.text == ref.text
+    # The prompt repeats itself: n-gram lookup must have found and kept drafts.
+    gen = SpeculativeGenerator(lm.model, lm.tokenizer, CPU, NgramDrafter(), SpeculativeConfig(k=4))
+    stats = gen.generate([prompt], params)[0].extra["speculative"]
+    assert isinstance(stats, dict) and stats["accepted_tokens"] > 0
+
+
+def test_target_cache_rollback_matches_fresh_recompute(tiny: torch.nn.Module) -> None:
+    model = copy.deepcopy(tiny)
+    fresh = copy.deepcopy(tiny)
+    model.setup_caches(1, 64)
+    prompt = torch.tensor([[3, 4, 5, 6, 7]])
+    model(prompt, torch.arange(5)[None], kv_len=5)
+    # Verify 4 tokens at positions 5..8, then reject all but the first: roll back to position 6.
+    model(torch.tensor([[11, 12, 13, 14]]), torch.arange(5, 9)[None], kv_len=9)
+    got = model(torch.tensor([[21, 22]]), torch.arange(6, 8)[None], kv_len=8)  # [1, 2, V]
+    want = fresh(torch.tensor([[3, 4, 5, 6, 7, 11, 21, 22]]))[:, -2:]  # no cache at all
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_cache_rollback_and_bonus_token(tiny: torch.nn.Module) -> None:
+    draft_model = random_model(tiny.config.replace(num_layers=2), CPU, torch.float32, seed=3)
+    fresh = copy.deepcopy(draft_model)
+    drafter = ModelDrafter(draft_model, "d", 0.5)
+    st = SamplingTensors.from_params([GREEDY], CPU)
+    prompt = [3, 4, 5, 6]
+    drafter.start(prompt, 64, st, None)
+
+    def greedy_continuation(ids: list[int], k: int) -> list[int]:
+        params = SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True)
+        return Generator(fresh, None, CPU).generate([ids], params)[0].token_ids
+
+    ids = [*prompt, 9]
+    first = drafter.propose(ids, 3).tokens[0].tolist()
+    assert first == greedy_continuation(ids, 3)
+    # One draft accepted, then a bonus token the draft never proposed.
+    drafter.accept(1)
+    ids = [*ids, first[0], (first[1] + 1) % 512]
+    second = drafter.propose(ids, 3).tokens[0].tolist()
+    assert second == greedy_continuation(ids, 3)
+    # Every draft accepted (the last one was never fed to the draft), then a bonus token.
+    drafter.accept(3)
+    ids = [*ids, *second, 42]
+    # A step without drafting leaves a backlog of two tokens plus this step's.
+    assert drafter.propose(ids, 0).num_tokens == 0
+    drafter.accept(0)
+    ids = [*ids, 43]
+    assert drafter.propose(ids, 2).tokens[0].tolist() == greedy_continuation(ids, 2)
+
+
+def test_speculative_sampling_is_seeded_and_valid(tiny: torch.nn.Module) -> None:
+    params = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=50, seed=5, ignore_eos=True)
+    prompt = [5, 6, 7, 8]
+    draft = build_drafter("self-layers:2", tiny, None)
+    gen = SpeculativeGenerator(tiny, None, CPU, draft, SpeculativeConfig(k=3, adaptive=False))
+    a = gen.generate([prompt], params)[0]
+    b = gen.generate([prompt], params)[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 30
+    stats = a.extra["speculative"]
+    assert isinstance(stats, dict) and stats["drafted_tokens"] > 0
+
+
+def test_ngram_drafter_proposes_latest_match() -> None:
+    d = NgramDrafter(max_ngram=3, min_ngram=1)
+    d.start([], 64, SamplingTensors.from_params([GREEDY], CPU), None)
+    ids = [1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 1, 2, 3]
+    # "1 2 3" occurs twice before the end; the latest is followed by 5 6 7.
+    assert d.propose(ids, 3).tokens[0].tolist() == [5, 6, 7]
+    assert d.propose([*ids, 8], 3).num_tokens == 0  # "3 8" / "8" never seen before
+    assert d.propose([*ids, 8, 2, 3], 2).tokens[0].tolist() == [8, 2]  # latest "2 3" wins
+
+
+def test_adaptive_k_follows_acceptance() -> None:
+    ctl = AdaptiveK(AdaptiveKConfig(k_max=4, verify_cost=0.03, probe_every=5), draft_cost=0.0)
+    for _ in range(20):
+        ctl.update(4, 4)
+    assert ctl.next_k() == 4
+    for _ in range(60):
+        ctl.update(ctl.next_k() or 1, 0)
+    ks = [ctl.next_k() for _ in range(10)]
+    assert ks.count(0) >= 8 and 1 in ks  # plain decoding, with an occasional probe
+    fixed = AdaptiveK(AdaptiveKConfig(k_max=3, adaptive=False), draft_cost=0.0)
+    fixed.update(3, 0)
+    assert fixed.next_k() == 3
+
+
+def test_draft_spec_parsing_and_errors() -> None:
+    from llmopt.errors import UserError
+
+    assert parse_draft_spec("self-layers:8").num_layers == 8
+    assert parse_draft_spec("ngram:3").max_ngram == 3
+    assert parse_draft_spec("some/dir").kind == "model"
+    for bad in ("self-layers", "self-layers:x", "self-int3", "ngram:1", ""):
+        with pytest.raises(UserError):
+            parse_draft_spec(bad)
+    with pytest.raises(UserError, match="batch size 1"):
+        gen = SpeculativeGenerator(random_model(preset_config("tiny"), CPU, torch.float32), None,
+                                   CPU, NgramDrafter())
+        gen.generate([[1, 2], [3, 4]], GREEDY)
+
+
+def test_cli_refuses_draft_with_other_vocabulary(default_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmopt.cli.main import main
+
+    rc = main(["generate", "--model", default_model_dir, "--device", "cpu", "--prompt", "Hello",
+               "--max-new-tokens", "2", "--draft", "preset:tiny"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "vocabulary" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_generate_with_ngram_draft_reports_stats(default_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmopt.cli.main import main
+
+    rc = main(["generate", "--model", default_model_dir, "--device", "cpu", "--prompt",
+               "one two three four, one two three four, one two", "--temperature", "0",
+               "--max-new-tokens", "8", "--draft", "ngram", "--json"])
+    assert rc == 0
+    obj = json.loads(capsys.readouterr().out)
+    spec = obj["speculative"]
+    assert spec["drafter"] == "ngram" and spec["k_max"] == 4
+    assert len(spec["acceptance_by_position"]) == 4
