@@ -109,3 +109,17 @@ def test_default_model_batched_and_stop_strings(default_model_dir: str) -> None:
     assert out.finish_reason == "stop"
     assert out.text == full[: full.index(stop)]
     assert "".join(chunks) == out.text
+
+
+def test_fused_projections_match_unfused() -> None:
+    from llmopt.models.fusion import fuse_projections
+
+    cfg = preset_config("tiny").replace(qkv_bias=True)
+    model = random_model(cfg, torch.device("cpu"), torch.float32, seed=11)
+    ids = torch.randint(0, 512, (2, 17))
+    with torch.no_grad():
+        ref = model(ids)
+        assert fuse_projections(model) == 2 * cfg.num_layers
+        got = model(ids)
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj")
+    assert (got - ref).abs().max().item() < 1e-5

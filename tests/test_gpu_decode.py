@@ -56,7 +56,8 @@ def test_triton_backend_matches_sdpa_logits() -> None:
             steps = [model(ids[:, t:t + 1], torch.full((2, 1), t, device="cuda"))[:, 0]
                      for t in range(30, 40)]
         outs[backend] = torch.stack(steps)
-    assert (outs["sdpa"] - outs["triton"]).abs().max().item() < 2e-3
+    ref = outs["sdpa"]
+    assert ((outs["triton"] - ref).norm() / ref.norm()).item() < 1e-4
 
 
 def test_compiled_decode_equals_eager() -> None:

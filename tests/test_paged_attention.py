@@ -7,10 +7,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmopt.attention.paged import PagedAttentionBackend, build_paged_metadata, paged_attention_reference
+from llmopt.attention.paged import (
+    PagedAttentionBackend,
+    build_paged_metadata,
+    paged_attention_reference,
+)
 from llmopt.kv_cache.paged import install_paged_caches
 from llmopt.loading.loader import random_model
 from llmopt.loading.presets import preset_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: one intra-op thread beats two on a shared 2-core runner by a wide margin.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _random_case(device: torch.device, dtype: torch.dtype, qlens: list[int], starts: list[int],

@@ -104,6 +104,18 @@ def test_greedy_equal_default_model(default_model_dir: str) -> None:
     assert isinstance(stats, dict) and stats["accepted_tokens"] > 0
 
 
+def test_fixed_width_verify_padding_keeps_greedy_equal(tiny: torch.nn.Module) -> None:
+    # The padding used by compiled verification, exercised eagerly: the uncompiled static step
+    # stands in for the graph (it reads the whole cache, as the graph does).
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    ref = Generator(tiny, None, CPU).generate([prompt], GREEDY)[0].token_ids
+    for drafter in _drafters(tiny, ref, ["ngram", "self-layers:2"]) + [ReplayDrafter(ref[:20])]:
+        gen = SpeculativeGenerator(tiny, None, CPU, drafter, SpeculativeConfig(k=3))
+        gen._verify_graph = gen._verify_static
+        out = gen.generate([prompt], GREEDY)[0]
+        assert out.token_ids == ref, drafter.name
+
+
 def test_target_cache_rollback_matches_fresh_recompute(tiny: torch.nn.Module) -> None:
     model = copy.deepcopy(tiny)
     fresh = copy.deepcopy(tiny)

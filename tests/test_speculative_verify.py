@@ -87,3 +87,23 @@ def test_verify_applies_filters_to_target_and_draft_alike() -> None:
     support = p[0] > 0
     remap = torch.cumsum(support.long(), 0) - 1
     assert chi_square(remap[first], p[0][support]) < CHI2_CRIT_1E4.get(int(support.sum()) - 1, 40.0)
+
+
+def test_padding_is_never_accepted_and_bonus_comes_from_p() -> None:
+    vocab = 10
+    target = torch.tensor([[3, 5, 7, 1]])
+    logits = torch.nn.functional.one_hot(target, vocab).float()
+    res = verify_greedy(logits, torch.tensor([[3, 5, 7]]), num_drafts=1)  # padding that matches
+    assert res.num_accepted.tolist() == [1] and res.last_token().tolist() == [5]
+    # Sampling: one real draft padded to two; after accepting it, the next token is ~ p_1.
+    torch.manual_seed(2)
+    n = 60_000
+    p = torch.softmax(torch.randn(3, 6) * 1.5, -1)
+    q = torch.softmax(torch.randn(2, 6) * 1.5, -1)
+    gen = torch.Generator().manual_seed(4)
+    drafts = torch.multinomial(q, n, replacement=True, generator=gen).T.contiguous()
+    res = verify_sampling(p.expand(n, -1, -1), drafts, q.expand(n, -1, -1), gen, num_drafts=1)
+    assert int(res.num_accepted.max()) == 1
+    assert chi_square(res.tokens[:, 0], p[0]) < CHI2_CRIT_1E4[5]
+    second = res.tokens[res.num_accepted == 1, 1]
+    assert chi_square(second, p[1]) < CHI2_CRIT_1E4[5]

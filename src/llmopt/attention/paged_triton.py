@@ -19,7 +19,7 @@ from llmopt.attention.paged import PagedAttentionMetadata
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, O,
+    Q, K, V, Out,
     block_tables, seq_lens, query_start_loc,
     scale,
     stride_qn, stride_qh,
@@ -33,6 +33,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -67,7 +68,7 @@ def _paged_attention_kernel(
         phys = tl.load(block_tables + seq * stride_bt + kb).to(tl.int64)
         k = tl.load(K + phys * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh
                     + offs_d[None, :], mask=d_mask[None, :], other=0.0)  # [BLOCK_SIZE, D]
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_SIZE] float32
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_SIZE] float32
         k_pos = kb * BLOCK_SIZE + offs_s
         valid = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
         if WINDOW > 0:
@@ -81,12 +82,12 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + phys * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh
                     + offs_d[None, :], mask=d_mask[None, :], other=0.0)  # [BLOCK_SIZE, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * stride_on + head * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(Out + rows[:, None] * stride_on + head * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def paged_attention_triton(
@@ -117,6 +118,8 @@ def paged_attention_triton(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         WINDOW=meta.sliding_window or 0,
+        # float32 caches (tests, references) must not silently drop to TF32 precision
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
         num_stages=2,
     )

@@ -57,6 +57,8 @@ class BenchResult:
     attention: str
     compile: bool
     compile_mode: str | None
+    compile_prefill: bool
+    fuse_projections: bool
     quant: str | None
     config: dict[str, Any]
     runs: list[RunResult]
@@ -75,6 +77,7 @@ class BenchResult:
     first_run_s: float
     compile_s: float | None
     start_to_first_token_s: float
+    start_to_first_run_done_s: float  # load + every compile + one whole generation
     versions: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -136,12 +139,15 @@ def run_latency_bench(
     load_s: float,
     t_process_start: float,
     profile_dir: Path | None = None,
+    compile_prefill: bool = False,
+    fuse_projections: bool = False,
 ) -> BenchResult:
     config: ModelConfig = model.config
     dtype = next(model.parameters()).dtype
     max_seq = cfg.prompt_len + cfg.new_tokens
     gen = Generator(model, None, device, compile=compile, compile_mode=compile_mode,
-                    max_seq_len=-(-max_seq // 256) * 256)
+                    max_seq_len=-(-max_seq // 256) * 256, compile_prefill=compile_prefill,
+                    fuse_projections=fuse_projections)
     g = torch.Generator().manual_seed(cfg.seed)
     prompts = torch.randint(3, config.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()
     params = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=0, ignore_eos=True)
@@ -177,14 +183,16 @@ def run_latency_bench(
     return BenchResult(
         model=model_name, random_weights=random_weights, device=device_name(device),
         dtype=str(dtype).replace("torch.", ""), attention=attention, compile=compile,
-        compile_mode=compile_mode if compile else None, quant=quant, config=asdict(cfg), runs=runs,
+        compile_mode=compile_mode if compile else None, compile_prefill=compile_prefill,
+        fuse_projections=fuse_projections, quant=quant, config=asdict(cfg), runs=runs,
         decode_tokens_per_s=dec, total_tokens_per_s=dec * cfg.batch_size, ttft_s=ttft,
         prefill_tokens_per_s=cfg.batch_size * cfg.prompt_len / ttft,
         weight_bytes=wbytes, kv_bytes_per_step=kv, achieved_gb_per_s=achieved / 1e9,
         copy_gb_per_s=copy_bw / 1e9 if copy_bw else None, roofline_tokens_per_s=roof_tps,
         roofline_fraction=dec / roof_tps if roof_tps else None, memory=memory_stats(device),
         load_s=load_s, first_run_s=first_run_s, compile_s=compile_s,
-        start_to_first_token_s=start_to_first_token, versions=versions(device),
+        start_to_first_token_s=start_to_first_token,
+        start_to_first_run_done_s=(t0 - t_process_start) + first_run_s, versions=versions(device),
     )
 
 
@@ -221,7 +229,8 @@ def format_table(r: BenchResult) -> str:
                  ("% of roofline", f"{100 * (r.roofline_fraction or 0):.1f}%")]
     if r.memory:
         rows.append(("peak memory", f"{r.memory['peak_allocated_gb']:.2f} GB"))
-    rows += [("load", f"{r.load_s:.1f} s"), ("start to first token", f"{r.start_to_first_token_s:.1f} s")]
+    rows += [("load", f"{r.load_s:.1f} s"), ("start to first token", f"{r.start_to_first_token_s:.1f} s"),
+             ("start to first run done", f"{r.start_to_first_run_done_s:.1f} s")]
     if r.compile_s is not None:
         rows.append(("compile (first run - median)", f"{r.compile_s:.1f} s"))
     width = max(len(k) for k, _ in rows)

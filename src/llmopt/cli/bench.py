@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs after the first")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph)")
     p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="also compile prefill (dynamic shapes): lower time to first token, longer compile")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="fuse q/k/v and gate/up matmuls (measured slower on H100; for experiments)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
 
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         lm.model, lm.device, cfg, model_name=args.model, random_weights=lm.random_weights,
         attention=attention, compile=args.compile, compile_mode=args.compile_mode,
         quant=getattr(args, "quant", None), load_s=lm.load_seconds, t_process_start=T_PROCESS_START,
-        profile_dir=Path(args.profile) if args.profile else None,
+        profile_dir=Path(args.profile) if args.profile else None, compile_prefill=args.compile_prefill,
+        fuse_projections=args.fuse_projections,
     )
     print(format_table(result))
     if args.json_path:

@@ -242,7 +242,7 @@ async def _run_http_async(url: str, model: str, items: list[WorkItem], cfg: Benc
             while not stop.is_set():
                 try:
                     text = (await client.get(url + "/metrics")).text
-                    m = re.search(r"^(?:llmopt|vllm:)\S*kv_cache_usage\S*\s+([0-9.eE+-]+)$", text, re.M)
+                    m = re.search(r"^(?:llmopt_kv_cache_usage_ratio|vllm:\S*cache_usage\S*)\s+([0-9.eE+-]+)$", text, re.M)
                     if m:
                         usage.append(float(m.group(1)))
                 except Exception:

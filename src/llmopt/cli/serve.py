@@ -46,7 +46,12 @@ def build_engine(args: argparse.Namespace):  # -> LLMEngine
     from llmopt.loading.loader import load_model
 
     cfg = engine_config_from_args(args)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress_enabled())
+    if getattr(args, "tp", 1) > 1:
+        raise UserError("--tp is not supported by the serving engine yet; run with --tp 1")
+    quant = getattr(args, "quant", None)
+    kwargs = {"quant": quant} if quant else {}
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress_enabled(),
+                    **kwargs)
     try:
         return LLMEngine(lm.model, lm.tokenizer, lm.device, cfg)
     except ValueError as e:

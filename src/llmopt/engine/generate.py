@@ -46,6 +46,8 @@ class Generator:
         compile: bool = False,
         compile_mode: str = "reduce-overhead",
         max_seq_len: int | None = None,
+        compile_prefill: bool = False,
+        fuse_projections: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -55,10 +57,20 @@ class Generator:
         # A compiled graph is specialised to the cache shape: keep one fixed size.
         self.fixed_seq_len = (max_seq_len or 0) if compile else None
         self._decode_graph = None
+        self._prefill_fn = model
         if compile:
             from llmopt.engine.compile import compile_fn
+            from llmopt.models.fusion import fuse_projections as fuse_fn
 
+            # Off by default: measured slower on H100 (inductor then lowers the wider matmuls
+            # plus their epilogues to its own reductions; see docs/benchmarks.md).
+            if fuse_projections:
+                fuse_fn(model)
             self._decode_graph = compile_fn(self._decode_static, compile_mode)
+            if compile_prefill:
+                # One graph for every prompt length (dynamic shapes); no CUDA graph, since the
+                # work per launch is large at prefill and lengths vary; no autotuning (compile time).
+                self._prefill_fn = compile_fn(model, "default", dynamic=True)
 
     def _decode_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # tokens, positions: [B, 1]; reads the whole static cache (the backend limits by length)
@@ -130,7 +142,7 @@ class Generator:
         tokens = tokens.to(dev)
         positions = torch.arange(longest, device=dev).expand(bsz, longest)
         lens_t = torch.tensor(lens, device=dev)
-        logits = self.model(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
+        logits = self._prefill_fn(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
         next_tok = sample(logits[:, -1], st, gens, seen)  # [B]
         cur_pos = lens_t.clone()  # [B] position the next token is written at
         host = next_tok.tolist()

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmopt.attention.paged import PagedAttentionBackend, PagedAttentionMetadata, build_paged_metadata
+from llmopt.attention.paged import (
+    PagedAttentionBackend,
+    PagedAttentionMetadata,
+    build_paged_metadata,
+)
 from llmopt.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from llmopt.kv_cache.paged import install_paged_caches, kv_bytes_per_block
 from llmopt.sampling import SamplingParams, SamplingTensors, sample
@@ -65,7 +69,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
         self.bytes_per_block = kv_bytes_per_block(
-            self.model_config.num_layers, config.block_size, self.model_config.num_kv_heads,
+            self.model_config.num_layers, config.block_size,
+            model.model.layers[0].self_attn.num_kv_heads,  # type: ignore[index]  # per rank under TP
             self.model_config.head_dim, dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -74,6 +79,10 @@ class ModelRunner:
         else:
             num_blocks = min(MAX_CPU_BLOCKS, max(CPU_KV_BUDGET_BYTES // self.bytes_per_block,
                                                  self.table_width))
+        # More blocks than every sequence at full length could use only fill the prefix cache;
+        # the cap keeps the block manager's plain-Python tables small for small models.
+        if config.num_kv_blocks is None:
+            num_blocks = min(num_blocks, 2 * config.max_num_seqs * self.table_width)
         self.num_blocks = num_blocks
         # One extra block past the manager's range takes the writes of padded graph rows.
         self.scratch_block = num_blocks

@@ -22,7 +22,7 @@ def _split_kernel(
     stride_lb, stride_lh,
     num_kv_heads, scale, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -54,14 +54,14 @@ def _split_kernel(
         n_mask = n < hi
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N] float32
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] float32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -138,6 +138,8 @@ def decode_attention(
         num_kv_heads, scale, window,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=64,
         NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        # float32 caches get full-precision dots (Triton would use tf32 otherwise)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     _combine_kernel[(bsz * num_heads,)](
         o_part, lse_part, out,

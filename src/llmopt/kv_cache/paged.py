@@ -51,7 +51,9 @@ def install_paged_caches(model: nn.Module, num_blocks: int, block_size: int, dty
     c = model.config  # type: ignore[attr-defined]
     caches = []
     for layer in model.model.layers:  # type: ignore[attr-defined]
-        cache = PagedKVCache(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype, device)
+        # the module's own head count: a tensor-parallel rank holds only some KV heads
+        cache = PagedKVCache(num_blocks, block_size, layer.self_attn.num_kv_heads, c.head_dim, dtype,
+                             device)
         layer.self_attn.kv_cache = cache
         caches.append(cache)
     return caches

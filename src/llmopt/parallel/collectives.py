@@ -52,6 +52,13 @@ class TPComm:
             self.mode, self._active = mode, True  # reuse: rendezvous happens once per buffer
             return
         self._group_name = self.group.group_name
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed before rendezvous on older torch; a no-op warning on newer
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable(self._group_name)
         buf = symm_mem.empty(numel, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, self._group_name)
         ops = torch.ops.symm_mem
@@ -122,7 +129,9 @@ class TPComm:
 
     def _use_symm(self, x: torch.Tensor) -> bool:
         buf = self._buf
-        return self._active and buf is not None and x.dtype == buf.dtype and x.numel() <= buf.numel()
+        return (
+            self._active and buf is not None and x.dtype == buf.dtype and x.numel() <= buf.numel()
+        )
 
     # -- the collectives ------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

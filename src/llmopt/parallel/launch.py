@@ -76,7 +76,9 @@ def maybe_launch(args: argparse.Namespace, stdin_data: str | None = None) -> int
     if tp == 1:
         return None
     if getattr(args, "tp_allreduce", "nccl") != "nccl" and not wants_gpu(device):
-        raise UserError(f"--tp-allreduce {args.tp_allreduce} needs GPUs (symmetric memory is CUDA-only)")
+        raise UserError(
+            f"--tp-allreduce {args.tp_allreduce} needs GPUs (symmetric memory is CUDA-only)"
+        )
     model = getattr(args, "model", None)
     if model:
         check_model_for_tp(model, tp)
@@ -88,8 +90,12 @@ def maybe_launch(args: argparse.Namespace, stdin_data: str | None = None) -> int
 def _rank_environ(rank: int, world_size: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     force_env(env)
@@ -133,8 +139,13 @@ def launch_ranks(cmd: Sequence[str], world_size: int, stdin_data: str | None = N
                 stdout = None
             else:
                 stdin, stdout = subprocess.DEVNULL, subprocess.DEVNULL
-            p = subprocess.Popen(list(cmd), env=_rank_environ(rank, world_size, port), stdin=stdin,
-                                 stdout=stdout, text=True)
+            p = subprocess.Popen(
+                list(cmd),
+                env=_rank_environ(rank, world_size, port),
+                stdin=stdin,
+                stdout=stdout,
+                text=True,
+            )
             procs.append(p)
         if stdin_data is not None:
             threading.Thread(target=_feed, args=(procs[0], stdin_data), daemon=True).start()
@@ -144,8 +155,12 @@ def launch_ranks(cmd: Sequence[str], world_size: int, stdin_data: str | None = N
             if failed:
                 rank, code = failed[0]
                 if code != 2:  # 2: the rank already printed its user error
-                    log.error("rank %d of %d exited with code %d; stopping the other ranks",
-                              rank, world_size, code)
+                    log.error(
+                        "rank %d of %d exited with code %d; stopping the other ranks",
+                        rank,
+                        world_size,
+                        code,
+                    )
                 _stop(procs)
                 return _exit_code(code)
             if all(c == 0 for c in codes):

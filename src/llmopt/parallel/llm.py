@@ -37,13 +37,24 @@ class ShardedLLM(LLM):
     ) -> None:
         self.tp: TPContext = init_tp(tp, device, allreduce)
         shard: ShardedLoadedModel = load_sharded(
-            model, self.tp, dtype=dtype, progress=progress and self.tp.is_main and sys.stderr.isatty()
+            model,
+            self.tp,
+            dtype=dtype,
+            progress=progress and self.tp.is_main and sys.stderr.isatty(),
         )
         if allreduce != "nccl":
             assert shard.comm is not None
             shard.comm.enable_symm_mem(allreduce, shard.dtype, self.tp.device)
-        super().__init__(model, device=str(shard.device), dtype=dtype, attention=attention,
-                         progress=progress, engine=engine, engine_config=engine_config, loaded=shard)
+        super().__init__(
+            model,
+            device=str(shard.device),
+            dtype=dtype,
+            attention=attention,
+            progress=progress,
+            engine=engine,
+            engine_config=engine_config,
+            loaded=shard,
+        )
 
     @property
     def is_main(self) -> bool:

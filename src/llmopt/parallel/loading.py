@@ -88,8 +88,12 @@ def read_sharded_state(
     state: dict[str, torch.Tensor] = {}
     nbytes = 0
     files = shard_files(model_dir)
-    bar = tqdm(total=len(expected), desc=f"loading {plan.world_size}-way shard", unit="tensor",
-               disable=not progress)
+    bar = tqdm(
+        total=len(expected),
+        desc=f"loading {plan.world_size}-way shard",
+        unit="tensor",
+        disable=not progress,
+    )
     for path in files:
         validate_safetensors(path)
         try:
@@ -118,7 +122,11 @@ def read_sharded_state(
         except Exception as e:  # the library's own error types differ between versions
             raise CheckpointError(f"cannot read {path}: {e}") from None
     bar.close()
-    missing = [n for n in expected if n not in state and not (n == "lm_head.weight" and tie_word_embeddings)]
+    missing = [
+        n
+        for n in expected
+        if n not in state and not (n == "lm_head.weight" and tie_word_embeddings)
+    ]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
@@ -193,7 +201,9 @@ def load_sharded(
                 path, plan, expected, dev, dt, config.tie_word_embeddings, progress
             )
         else:
-            log.warning("GGUF under --tp: every rank dequantises the whole file on the CPU, then splits")
+            log.warning(
+                "GGUF under --tp: every rank dequantises the whole file on the CPU, then splits"
+            )
             full = load_model(str(path), device="cpu", dtype=dt, progress=progress)
             config, tokenizer, model = full.config, full.tokenizer, full.model
             plan = shard_model(model, comm, dev)
@@ -202,6 +212,17 @@ def load_sharded(
     assign_tensors(model, state)
     model.eval().requires_grad_(False)
     return ShardedLoadedModel(
-        model, tokenizer, config, source, dev, dt, random_weights, time.perf_counter() - t0,
-        plan=plan, comm=comm, bytes_read=nbytes, rank=tp.rank, world_size=tp.world_size,
+        model,
+        tokenizer,
+        config,
+        source,
+        dev,
+        dt,
+        random_weights,
+        time.perf_counter() - t0,
+        plan=plan,
+        comm=comm,
+        bytes_read=nbytes,
+        rank=tp.rank,
+        world_size=tp.world_size,
     )

@@ -25,8 +25,13 @@ from llmopt.errors import UserError
 log = logging.getLogger(__name__)
 
 # The lent GPU machines require NVLink multicast (NVLS) to stay off: NCCL must not build NVLS
-# rings and symmetric memory must not map multicast objects. Forced in every rank's environment.
-FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+# rings and symmetric memory (CUDA or NVSHMEM backend) must not map multicast objects. Forced in
+# every rank's environment.
+FORCED_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 LAUNCHER_PID_ENV = "LLMOPT_LAUNCHER_PID"  # set by launch.py; ranks exit if that process dies
 TIMEOUT_ENV = "LLMOPT_DIST_TIMEOUT"  # seconds a collective may wait before the rank gives up
@@ -67,14 +72,18 @@ class RankEnv:
             try:
                 return int(raw)
             except ValueError:
-                raise UserError(f"launcher environment variable {name}={raw!r} is not an integer") from None
+                raise UserError(
+                    f"launcher environment variable {name}={raw!r} is not an integer"
+                ) from None
 
         world = read("WORLD_SIZE")
         rank = read("RANK")
         local_rank = read("LOCAL_RANK", rank)
         local_world = read("LOCAL_WORLD_SIZE", world)
         if world < 1 or not 0 <= rank < world:
-            raise UserError(f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world}")
+            raise UserError(
+                f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world}"
+            )
         if not 0 <= local_rank < local_world:
             raise UserError(
                 f"launcher environment is inconsistent: LOCAL_RANK={local_rank}, "
@@ -122,7 +131,9 @@ def check_tp_request(tp: int, device_spec: str, local_world_size: int | None = N
         n = _gpu_count()
         per_node = local_world_size if local_world_size is not None else tp
         if n == 0:
-            raise UserError(f"--tp {tp} on GPUs asked for, but CUDA is not available on this machine")
+            raise UserError(
+                f"--tp {tp} on GPUs asked for, but CUDA is not available on this machine"
+            )
         if per_node > n:
             raise UserError(
                 f"--tp {tp} needs {per_node} GPUs on this machine but only {n} are present "
@@ -216,7 +227,9 @@ def init_tp(tp: int, device_spec: str = "auto", allreduce: str = "nccl") -> TPCo
     global _CURRENT
     if _CURRENT is not None:
         if _CURRENT.world_size != tp:
-            raise UserError(f"already in a tensor-parallel group of {_CURRENT.world_size}, asked for {tp}")
+            raise UserError(
+                f"already in a tensor-parallel group of {_CURRENT.world_size}, asked for {tp}"
+            )
         return _CURRENT
     if allreduce not in ALLREDUCE_MODES:
         raise UserError(f"unknown all-reduce {allreduce!r}; known: {', '.join(ALLREDUCE_MODES)}")
@@ -232,7 +245,9 @@ def init_tp(tp: int, device_spec: str = "auto", allreduce: str = "nccl") -> TPCo
     check_tp_request(tp, device_spec, env.local_world_size)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
-            raise UserError(f"launcher environment lacks {name} (start ranks with torchrun or --tp)")
+            raise UserError(
+                f"launcher environment lacks {name} (start ranks with torchrun or --tp)"
+            )
     force_env()
     device = _rank_device(device_spec, env)
     if allreduce != "nccl" and device.type != "cuda":
@@ -254,7 +269,9 @@ def init_tp(tp: int, device_spec: str = "auto", allreduce: str = "nccl") -> TPCo
         backend=backend, rank=env.rank, world_size=env.world_size, timeout=_timeout(), **kwargs
     )
     group = dist.group.WORLD
-    _CURRENT = TPContext(env.rank, env.world_size, env.local_rank, device, backend, group, allreduce)
+    _CURRENT = TPContext(
+        env.rank, env.world_size, env.local_rank, device, backend, group, allreduce
+    )
     atexit.register(shutdown_tp)
     log.info("rank %d/%d on %s (%s)", env.rank, env.world_size, device, backend)
     return _CURRENT

@@ -106,7 +106,9 @@ def _infer_layout(m: nn.Module) -> dict[str, TensorLayout]:
     for name, t in _own_tensors(m).items():
         shape = list(t.shape)
         out_dim = next((d for d, s in enumerate(shape) if s == out_f), None)
-        candidates = [(s, d) for d, s in enumerate(shape) if d != out_dim and s > 1 and in_f % s == 0]
+        candidates = [
+            (s, d) for d, s in enumerate(shape) if d != out_dim and s > 1 and in_f % s == 0
+        ]
         in_dim = max(candidates)[1] if candidates else None
         if t.dim() >= 2 and (out_dim is None or in_dim is None):
             raise UserError(
@@ -133,25 +135,37 @@ def _register_quant_layouts() -> None:
 
     def per_channel(m: nn.Module) -> dict[str, TensorLayout]:
         # qweight [N, K]; scales [N]: one scale per output channel multiplies the partial sums.
-        return {"qweight": TensorLayout(0, 1), "scales": TensorLayout(0, None),
-                "bias": TensorLayout(0, None)}
+        return {
+            "qweight": TensorLayout(0, 1),
+            "scales": TensorLayout(0, None),
+            "bias": TensorLayout(0, None),
+        }
 
     def packed_groups(m: nn.Module) -> dict[str, TensorLayout]:
         # qweight int32 [K/8, N] (8 codes per int along K); scales/zeros/absmax [K/group, N].
         group = int(getattr(m, "group_size", 0) or getattr(m, "block_size", 0))
         grouped = TensorLayout(1, 0, 1, group)
-        return {"qweight": TensorLayout(1, 0, 1, 8), "scales": grouped, "zeros": grouped,
-                "absmax": grouped, "absmax_codes": grouped,
-                # Double-quantised absmax blocks run over the flattened [G, N] matrix.
-                "absmax_scales": TensorLayout(None, None, shardable=False),
-                "absmax_offset": TensorLayout(None, None),
-                # act-order: x is gathered into sorted channel order, so a rank's input slice is
-                # not a slice of the stored order; fine for column-parallel (input not split).
-                "perm": TensorLayout(None, None, row_parallel=False),
-                "bias": TensorLayout(0, None)}
+        return {
+            "qweight": TensorLayout(1, 0, 1, 8),
+            "scales": grouped,
+            "zeros": grouped,
+            "absmax": grouped,
+            "absmax_codes": grouped,
+            # Double-quantised absmax blocks run over the flattened [G, N] matrix.
+            "absmax_scales": TensorLayout(None, None, shardable=False),
+            "absmax_offset": TensorLayout(None, None),
+            # act-order: x is gathered into sorted channel order, so a rank's input slice is
+            # not a slice of the stored order; fine for column-parallel (input not split).
+            "perm": TensorLayout(None, None, row_parallel=False),
+            "bias": TensorLayout(0, None),
+        }
 
-    for name, fn in (("Int8Linear", per_channel), ("FP8Linear", per_channel),
-                     ("Int4Linear", packed_groups), ("NF4Linear", packed_groups)):
+    for name, fn in (
+        ("Int8Linear", per_channel),
+        ("FP8Linear", per_channel),
+        ("Int4Linear", packed_groups),
+        ("NF4Linear", packed_groups),
+    ):
         cls = getattr(ql, name, None)
         if cls is not None:
             _LAYOUTS.setdefault(cls, fn)
@@ -306,8 +320,15 @@ def _tensor_shard(
 
 def make_plan(model: nn.Module, world_size: int, rank: int) -> ShardPlan:
     """The plan for ``rank`` of ``world_size`` (the model may live on the meta device)."""
+    if getattr(model, "tp_plan", None) is not None:
+        raise UserError("this model is already split for tensor parallelism")
     config: ModelConfig = model.config  # type: ignore[assignment]
     validate_config(config, world_size)
+    fused = [n for n, m in model.named_modules() if n.endswith(("qkv_proj", "gate_up_proj"))]
+    if fused:
+        # A fused [q; k; v] matrix cannot be cut into whole heads by one range; fusing the
+        # shards afterwards (models.fusion, as compiled decode does) gives the same speed.
+        raise UserError(f"split the model before fusing its projections ({fused[0]} is fused)")
     hd = config.head_dim
     plan = ShardPlan(rank, world_size, config.vocab_size)
     state_names = list(model.state_dict(keep_vars=True).keys())
@@ -321,15 +342,25 @@ def make_plan(model: nn.Module, world_size: int, rank: int) -> ShardPlan:
         ms: ModuleShard | None = None
         if leaf in ("q_proj", "o_proj") and split is not None:
             role = "column" if leaf == "q_proj" else "row"
-            ms = ModuleShard(role, _heads_ranges(split.q_heads, hd), len(split.q_heads) * hd,
-                             config.num_heads * hd)
+            ms = ModuleShard(
+                role,
+                _heads_ranges(split.q_heads, hd),
+                len(split.q_heads) * hd,
+                config.num_heads * hd,
+            )
         elif leaf in ("k_proj", "v_proj") and split is not None:
-            ms = ModuleShard("column", _heads_ranges(split.kv_heads, hd), len(split.kv_heads) * hd,
-                             config.num_kv_heads * hd)
+            ms = ModuleShard(
+                "column",
+                _heads_ranges(split.kv_heads, hd),
+                len(split.kv_heads) * hd,
+                config.num_kv_heads * hd,
+            )
         elif leaf in ("gate_proj", "up_proj", "down_proj"):
             full = config.intermediate_size
             ranges = _even(full, world_size, rank, "intermediate size")
-            ms = ModuleShard("column" if leaf != "down_proj" else "row", ranges, full // world_size, full)
+            ms = ModuleShard(
+                "column" if leaf != "down_proj" else "row", ranges, full // world_size, full
+            )
         elif name in (EMBEDDING, HEAD):
             v = config.vocab_size
             per = -(-v // world_size)  # padded so every rank holds the same number of rows
@@ -359,7 +390,11 @@ def take(source: Any, shard: TensorShard, full_shape: tuple[int, ...]) -> torch.
     """This rank's part of a tensor. ``source`` is a tensor or a safetensors slice (both accept
     a tuple of slices and return a tensor); only the selected ranges are read."""
     if shard.dim is None:
-        t = source if isinstance(source, torch.Tensor) else source[tuple(slice(None) for _ in full_shape)]
+        t = (
+            source
+            if isinstance(source, torch.Tensor)
+            else source[tuple(slice(None) for _ in full_shape)]
+        )
         return torch.zeros_like(t) if shard.zeros else t
     lead = tuple(slice(None) for _ in range(shard.dim))
     parts = [source[(*lead, slice(a, b))] for a, b in shard.pieces]
@@ -387,11 +422,14 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start  # [B, T]
         inside = (local >= 0) & (local < self.vocab_end - self.vocab_start)
         local = torch.where(inside, local, torch.zeros_like(local))
-        out = F.embedding(local, self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)  # [B, T, H]
+        out = F.embedding(local, self.weight)  # [B, T, H]
+        out = out * inside.unsqueeze(-1).to(out.dtype)  # rows of other ranks contribute zeros
         return self.comm.all_reduce(out)
 
 
-def _all_reduce_hook(comm: TPComm, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+def _all_reduce_hook(
+    comm: TPComm, module: nn.Module, inputs: Any, output: torch.Tensor
+) -> torch.Tensor:
     return comm.all_reduce(output)
 
 
@@ -412,6 +450,9 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
 
 def apply_transforms(model: nn.Module, plan: ShardPlan, comm: TPComm) -> None:
     """Everything but the tensors: local head counts, the vocab-parallel embedding, hooks."""
+    if getattr(model, "tp_plan", None) is not None:
+        raise UserError("this model is already split for tensor parallelism")
+    model.tp_plan = plan  # for tools that need to know (weight bytes per rank, ...)
     for name, split in plan.heads.items():
         attn = model.get_submodule(name)
         attn.num_heads = len(split.q_heads)
@@ -446,9 +487,7 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def shard_model(
-    model: nn.Module, comm: TPComm, device: torch.device | None = None
-) -> ShardPlan:
+def shard_model(model: nn.Module, comm: TPComm, device: torch.device | None = None) -> ShardPlan:
     """Split a finished model in place for ``comm.rank`` (quantised modules included)."""
     plan = make_plan(model, comm.world_size, comm.rank)
     if hasattr(model, "clear_caches"):
@@ -461,7 +500,10 @@ def shard_model(
             continue
         full = state[name].detach()
         t = take(full, shard, tuple(full.shape)).to(device or full.device)
-        if shard.dim is not None and t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
+        if (
+            shard.dim is not None
+            and t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+        ):
             t = t.clone()  # a view would keep the whole tensor alive after the caller drops it
         local[name] = t
     apply_transforms(model, plan, comm)

@@ -47,7 +47,7 @@ def load_calibration(
     if num_tokens <= 0:
         raise UserError(f"--calib-tokens must be > 0, got {num_tokens}")
     n_seqs = num_tokens // seq_len
-    if tokenizer is None:
+    if tokenizer is None and path is None:
         if vocab_size is None:
             raise UserError("calibration needs a tokenizer or a vocabulary size")
         log.warning("no tokenizer: calibrating on random token ids")
@@ -62,6 +62,8 @@ def load_calibration(
         raise UserError(f"cannot read calibration file {path}: {e.strerror}") from None
     if not text.strip():
         raise UserError(f"calibration file {path} is empty")
+    if tokenizer is None:
+        raise UserError("--calib needs a model with a tokenizer")
     ids = tokenizer.encode(text, add_special_tokens=False)
     need = n_seqs * seq_len
     if len(ids) < need:

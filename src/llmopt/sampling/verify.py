@@ -68,11 +68,19 @@ def sample_from_probs(
     return (probs / noise).argmax(dim=-1)
 
 
-def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> VerifyResult:
-    """target_logits [B, K+1, V] (row i scores the token after draft i-1); draft_tokens [B, K]."""
+def verify_greedy(
+    target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: int | None = None
+) -> VerifyResult:
+    """target_logits [B, K+1, V] (row i scores the token after draft i-1); draft_tokens [B, K].
+
+    ``num_drafts``: only the first ones are real drafts, the rest padding (a fixed width lets a
+    compiled verify step keep one shape); padding is never accepted.
+    """
     target_tokens = target_logits.argmax(dim=-1)  # [B, K+1]
     k = draft_tokens.shape[1]
     match = draft_tokens == target_tokens[:, :k]  # [B, K]
+    if num_drafts is not None and num_drafts < k:
+        match[:, num_drafts:] = False
     num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # [B] length of the matching prefix
     # Accepted drafts equal the target's argmax, so the output is simply the argmax row.
     return VerifyResult(target_tokens, num_accepted)
@@ -83,12 +91,14 @@ def verify_sampling(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor | None,
     generator: torch.Generator | None = None,
+    num_drafts: int | None = None,
 ) -> VerifyResult:
     """Rejection sampling.
 
     target_probs [B, K+1, V]: the target's filtered distributions (``probs_from_logits``);
     draft_tokens [B, K]; draft_probs [B, K, V] the distributions the drafts were drawn from, or
-    None for a deterministic drafter (q is then one-hot at the drafted token).
+    None for a deterministic drafter (q is then one-hot at the drafted token). ``num_drafts``: as
+    for ``verify_greedy`` (padding is rejected and the row after the last real draft is p).
     """
     bsz, k1, vocab = target_probs.shape
     k = k1 - 1
@@ -108,6 +118,9 @@ def verify_sampling(
     u = torch.rand(p_draft.shape, device=p_draft.device, generator=generator)  # [B, K]
     # u < p/q without dividing (q(d) > 0 for a drawn d; u < 1 accepts whenever p >= q).
     accept = u * q_draft < p_draft  # [B, K]
+    if num_drafts is not None and num_drafts < k:
+        accept[:, num_drafts:] = False
+        residual[:, num_drafts:] = target_probs[:, num_drafts:k]  # no draft there: plain p
     num_accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [B]
     # Row i < K: replacement after rejecting draft i; row K: the bonus token from p_K.
     dists = torch.cat([residual, target_probs[:, k:]], dim=1)  # [B, K+1, V]
@@ -125,8 +138,10 @@ def verify(
     draft_probs: torch.Tensor | None,
     st: SamplingTensors,
     generator: torch.Generator | None = None,
+    num_drafts: int | None = None,
 ) -> VerifyResult:
     """Greedy or rejection-sampling verification according to ``st`` (all rows alike)."""
     if st.all_greedy:
-        return verify_greedy(target_logits, draft_tokens)
-    return verify_sampling(probs_from_logits(target_logits, st), draft_tokens, draft_probs, generator)
+        return verify_greedy(target_logits, draft_tokens, num_drafts)
+    probs = probs_from_logits(target_logits, st)
+    return verify_sampling(probs, draft_tokens, draft_probs, generator, num_drafts)

@@ -20,7 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmopt.engine.llm_engine import AsyncLLMEngine, EngineDeadError, LLMEngine, RequestStream, StepOutput
+from llmopt.engine.llm_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    LLMEngine,
+    RequestStream,
+    StepOutput,
+)
 from llmopt.errors import UserError
 from llmopt.loading.tokenizer import Tokenizer
 from llmopt.sampling import SamplingParams
@@ -267,7 +273,8 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, config: Serve
         try:
             async for out in stream:
                 last = out
-                if out.text_delta or out.finished:
+                # A chunk per step with tokens, even before they make text, so clients can time them.
+                if out.text_delta or out.new_token_ids or out.finished:
                     chunk = CompletionResponse(id=rid, model=model, choices=[CompletionChoice(
                         index=0, text=out.text_delta,
                         finish_reason=out.finish_reason if out.finished else None)])

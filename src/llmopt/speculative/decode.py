@@ -114,6 +114,11 @@ class SpeculativeConfig:
     adaptive: bool = True
     verify_cost: float | None = None  # None: a default for the device (see AdaptiveKConfig)
     compare_plain: bool = False  # also run plain decoding with the same settings, for the speedup
+    # Compile the target's verify step and the draft's one-token step (torch.compile; CUDA graphs
+    # with "reduce-overhead"). Both then read the whole static cache, whose size stays fixed.
+    compile: bool = False
+    compile_mode: str = "reduce-overhead"
+    max_seq_len: int | None = None  # fixed cache size when compiled (default: grown as needed)
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -140,6 +145,27 @@ class SpeculativeGenerator(Generator):
         self.drafter = drafter
         self.spec = config or SpeculativeConfig()
         self.last_stats: SpeculativeStats | None = None
+        self._verify_graph = None
+        if self.spec.compile:
+            from llmopt.engine.compile import compile_fn
+
+            # One graph per verified width (1..k+1): static shapes, so each can be a CUDA graph.
+            self.fixed_seq_len = self.spec.max_seq_len or 0
+            self._verify_graph = compile_fn(self._verify_static, self.spec.compile_mode)
+            enable = getattr(drafter, "enable_compile", None)
+            if callable(enable):
+                enable(self.spec.compile_mode)
+
+    def _verify_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # tokens, positions: [1, T]; reads the whole static cache (masked by position)
+        return self.model(tokens, positions)  # [1, T, V]
+
+    def _verify_forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if self._verify_graph is not None:
+            # Earlier graph outputs (draft steps, last verify) are consumed: their memory may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._verify_graph(tokens, positions)
+        return self.model(tokens, positions, kv_len=kv_len)
 
     def _adaptive(self) -> AdaptiveK:
         verify_cost = self.spec.verify_cost
@@ -180,7 +206,8 @@ class SpeculativeGenerator(Generator):
         total = self._check_lengths([prompt], params.max_new_tokens)
         length = len(prompt)
         max_new = min(params.max_new_tokens, total - length)
-        self._ensure_cache(1, total)
+        # Room for a full-width verify at the last position (compiled steps keep one width).
+        self._ensure_cache(1, total + self.spec.k + 1)
         cache_len = self.model.max_seq_len
         dev = self.device
         eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
@@ -213,9 +240,18 @@ class SpeculativeGenerator(Generator):
             k = min(adaptive.next_k(), max_new - emitted - 1, cache_len - 1 - pos)
             prop = self.drafter.propose(ids, k)
             m = prop.num_tokens
-            inp = torch.cat([pending[:, None], prop.tokens], dim=1)  # [1, m+1]
-            logits = self.model(inp, arange[pos : pos + m + 1][None], kv_len=pos + m + 1)  # [1, m+1, V]
-            res = verify(logits, prop.tokens, prop.probs, st, gen)
+            drafts, probs = prop.tokens, prop.probs
+            width = m
+            if self._verify_graph is not None and 0 < m < self.spec.k and pos + self.spec.k < cache_len:
+                # Pad to k drafts so the compiled verify sees two widths only (1 and k+1).
+                width = self.spec.k
+                drafts = torch.cat([drafts, drafts.new_zeros(1, width - m)], dim=1)  # [1, k]
+                if probs is not None:
+                    probs = torch.cat([probs, probs.new_ones(1, width - m, probs.shape[-1])], dim=1)
+            inp = torch.cat([pending[:, None], drafts], dim=1)  # [1, width+1]
+            logits = self._verify_forward(inp, arange[pos : pos + width + 1][None], pos + width + 1)
+            res = verify(logits, drafts, probs, st, gen, num_drafts=m if width > m else None)
+            del logits  # a compiled step's output buffer: drop it before the next replay
             pending = res.last_token()  # [1], stays on the device for the next step's input
             host = res.packed()[0].tolist()  # the one device->host copy per step
             n = host[0]

@@ -78,6 +78,22 @@ class ModelDrafter:
         self._st: SamplingTensors | None = None
         self._gen: torch.Generator | None = None
         self._arange = torch.arange(0, device=self.device)
+        self._step_graph = None
+
+    def enable_compile(self, mode: str = "reduce-overhead") -> None:
+        """Compile the one-token draft step (static shapes: it reads the whole static cache)."""
+        from llmopt.engine.compile import compile_fn
+
+        self._step_graph = compile_fn(self._step_static, mode)
+
+    def _step_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, positions)[:, -1]  # [1, V]
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if self._step_graph is not None:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            return self._step_graph(tokens, positions)
+        return self.model(tokens, positions, kv_len=kv_len)[:, -1]
 
     def start(
         self,
@@ -86,6 +102,8 @@ class ModelDrafter:
         st: SamplingTensors,
         generator: torch.Generator | None,
     ) -> None:
+        if self._step_graph is not None and self.model.max_seq_len not in (0, max_seq_len):
+            self.model.clear_caches()  # the compiled step is specialised to one cache size
         self.model.setup_caches(1, max_seq_len)
         self._st, self._gen = st, generator
         # Host-indexed slices of one device arange give positions without a host->device copy.
@@ -136,7 +154,7 @@ class ModelDrafter:
             if i == k - 1:
                 break  # the last draft is not fed: the target may replace it
             pos = base + i
-            logits = self.model(tok[:, None], self._arange[pos : pos + 1][None], kv_len=pos + 1)[:, -1]
+            logits = self._step(tok[:, None], self._arange[pos : pos + 1][None], pos + 1)  # [1, V]
         self._base, self._k = base, k
         return Proposal(
             torch.stack(tokens, dim=1),  # [1, k]

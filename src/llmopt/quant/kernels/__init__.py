@@ -31,7 +31,9 @@ def _have_triton() -> bool:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and _have_triton() and x.numel() // x.shape[-1] <= SMALL_M
+    # float32 activations would make tl.dot run in tf32: keep those on the exact path.
+    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and _have_triton()
+            and x.numel() // x.shape[-1] <= SMALL_M)
 
 
 def int8_linear(

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 6 on nvidia-h200-x2: tensor parallelism. Everything under $OUT (JSON + logs), summary last.
+#   1. all-reduce micro-benchmark: 8 KB bf16 (batch-1 decode's message), eager and inside a CUDA
+#      graph, NCCL vs PyTorch symmetric memory one-shot / two-shot (correctness checked first);
+#      plus the device copy bandwidth;
+#   2. batch-1 decode (5-token prompt, 200 new tokens, median of 3) of preset:llama-2-7b and -13b at
+#      TP=1 and TP=2, and preset:llama-2-70b at TP=2. Mode "graph" = the eager decode step captured
+#      in one CUDA graph (no compiler, quick to set up); mode "compile" = the project's compiled
+#      decode (engine.generate.Generator(compile=True), reduce-overhead), run if time remains.
+# Usage (device tool, kind nvidia-h200-x2): bash bench/device/tp.sh        (about 7-8 minutes)
+set -uo pipefail
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+export LLMOPT_CACHE=${LLMOPT_CACHE:-/tmp/llmopt-cache}
+# NVLink multicast must stay off on these machines (the ranks force these too).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+BUDGET=${TP_BENCH_BUDGET:-450}  # seconds for all steps together
+START=$(date +%s)
+B="python3 -m llmopt.parallel.tpbench"
+
+LOG="$OUT/tp.log"  # every step's output in one file (the device tool returns at most 8 files)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nvidia-smi topo -m
+  python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), 'nccl', torch.cuda.nccl.version())"
+} 2>&1 | tee "$LOG"
+
+step() {  # name, min-seconds-needed, args...
+    local name=$1 need=$2; shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    if (( left < need )); then echo "=== $name: skipped ($left s left, needs $need)"; return; fi
+    echo "=== $name: $* (limit $left s)" | tee -a "$LOG"
+    timeout "$left" $B "$@" --out "$OUT/$name.json" > "$OUT/step.log" 2>&1
+    echo "    rc=$? ($(( $(date +%s) - START )) s elapsed)" | tee -a "$OUT/step.log"
+    cat "$OUT/step.log" >> "$LOG"; tail -n 12 "$OUT/step.log"; rm -f "$OUT/step.log"
+}
+
+step allreduce 30 allreduce --tp 2 --numel 4096 --numel 65536
+step tp1_graph 60 decode --tp 1 --model preset:llama-2-7b --model preset:llama-2-13b --mode graph
+step tp2_graph 90 decode --tp 2 --model preset:llama-2-7b --model preset:llama-2-13b --model preset:llama-2-70b \
+    --mode graph --allreduce nccl --allreduce symm-one-shot --allreduce symm-two-shot
+step tp1_compile 100 decode --tp 1 --model preset:llama-2-7b --mode compile
+step tp2_compile 130 decode --tp 2 --model preset:llama-2-7b --mode compile --allreduce nccl --allreduce symm-one-shot
+
+echo "=== summary"
+$B summary "$OUT"/*.json | tee "$OUT/summary.txt"
+# Files back: tp.log, summary.txt and up to 5 JSON files.

@@ -1,0 +1,40 @@
+"""Load-time fusion of projections that read the same input: q/k/v into one matmul and
+gate/up into another. At batch 1 every matmul is a separate weight-streaming kernel with its own
+ramp-up and tail, so fewer, larger ones get closer to the memory bandwidth.
+
+Only plain ``nn.Linear`` modules are fused; quantised or sharded modules are left as they are.
+The fused model keeps its config; checkpoints are always written unfused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([p.weight for p in parts], dim=0)  # [sum(out), in]
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse in place; returns how many groups were fused."""
+    n = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if attn.qkv_proj is None and all(type(m) is nn.Linear for m in qkv):
+            attn.qkv_proj = _cat_linear(qkv)  # type: ignore[arg-type]
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            n += 1
+        gu = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")]
+        if mlp.gate_up_proj is None and all(type(m) is nn.Linear for m in gu):
+            mlp.gate_up_proj = _cat_linear(gu)  # type: ignore[arg-type]
+            del mlp.gate_proj, mlp.up_proj
+            n += 1
+    return n

@@ -1,0 +1,476 @@
+"""Tensor-parallel device measurements (driven by ``bench/device/tp.sh``; CPU runs for tests).
+
+    python -m llmopt.parallel.tpbench allreduce --tp 2 --out ar.json
+    python -m llmopt.parallel.tpbench decode --tp 2 --model preset:llama-2-7b --mode graph \\
+        --allreduce nccl --allreduce symm-one-shot --out dec.json
+    python -m llmopt.parallel.tpbench summary a.json b.json ...
+
+``allreduce``: one small all-reduce (default 8 KB of bf16, batch-1 decode's message) timed eager
+and inside a CUDA graph, for NCCL and symmetric-memory one-shot/two-shot, each checked for the
+right sum first; plus the device-to-device copy bandwidth.
+``decode``: batch-1 greedy decode of random-weight presets (5-token prompt, 200 new tokens;
+median of 3 runs). Modes: ``eager``; ``graph`` (the eager decode step captured in one CUDA graph,
+no compiler: cheap to set up); ``compile`` (``engine.generate.Generator(compile=True)``, the
+project's compiled decode, when that exists). Started with ``--tp N`` and no launcher variables,
+it launches its own N ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmopt.parallel.process_group import TPContext, init_tp, rank_env, shutdown_tp
+
+log = logging.getLogger(__name__)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _barrier(tp: TPContext | None) -> None:
+    if tp is not None:
+        tp.barrier()
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30, iters: int = 10) -> float | None:
+    """Device-to-device copy bandwidth, bytes read plus written per second (TB/s)."""
+    if dev.type != "cuda":
+        return None
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        b.copy_(a)
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes * iters / dt / 1e12
+
+
+def _env_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:
+            pass
+    return info
+
+
+# -- all-reduce micro-benchmark -------------------------------------------------------------------
+def bench_allreduce(
+    tp: TPContext, numels: list[int], iters: int, graph_calls: int
+) -> list[dict[str, Any]]:
+    from llmopt.parallel.loading import make_comm
+
+    dev = tp.device
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    comm = make_comm(tp)
+    modes = ["nccl"] + (["symm-one-shot", "symm-two-shot"] if dev.type == "cuda" else [])
+    results = []
+    for mode in modes:
+        try:
+            if mode == "nccl":
+                comm.disable_symm_mem()
+            else:
+                comm.enable_symm_mem(mode, dtype, dev)
+        except Exception as e:
+            results.append({"method": mode, "error": f"{type(e).__name__}: {e}"})
+            continue
+        for numel in numels:
+            r: dict[str, Any] = {
+                "method": mode,
+                "numel": numel,
+                "bytes": numel * torch.tensor([], dtype=dtype).element_size(),
+            }
+            try:
+                x = torch.full((numel,), float(tp.rank + 1), dtype=dtype, device=dev)
+                want = tp.world_size * (tp.world_size + 1) / 2
+                got = comm.all_reduce(x.clone())
+                r["correct"] = bool((got == want).all().item())
+
+                def step(x: torch.Tensor = x) -> torch.Tensor:
+                    return comm.all_reduce(x.clone())
+
+                for _ in range(20):
+                    step()
+                _sync(dev)
+                _barrier(tp)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    step()
+                _sync(dev)
+                r["eager_us"] = (time.perf_counter() - t0) / iters * 1e6
+                if dev.type == "cuda":
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        outs = [step() for _ in range(graph_calls)]
+                    g.replay()
+                    _sync(dev)
+                    r["graph_correct"] = bool(all((o == want).all().item() for o in outs))
+                    _barrier(tp)
+                    reps = max(1, iters // graph_calls)
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        g.replay()
+                    _sync(dev)
+                    r["graph_us"] = (time.perf_counter() - t0) / (reps * graph_calls) * 1e6
+                    del g, outs
+            except Exception as e:
+                r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            results.append(r)
+    comm.disable_symm_mem()
+    return results
+
+
+# -- decode ---------------------------------------------------------------------------------------
+def _decode_step_graph(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    cache_len: int,
+    dev: torch.device,
+    tp: TPContext | None,
+    runs: int,
+    use_graph: bool,
+) -> list[float]:
+    """Greedy decode with the eager step, optionally captured in one CUDA graph; tok/s per run."""
+    model.setup_caches(1, cache_len)
+    plen = prompt.shape[1]
+    with torch.inference_mode():
+        logits = model(prompt, kv_len=plen)  # [1, P, V]
+        tok = logits[:, -1].argmax(-1).view(1, 1)  # [1, 1]
+        pos = torch.full((1, 1), plen, dtype=torch.long, device=dev)
+
+        def step() -> None:
+            nxt = model(tok, pos)[:, -1].argmax(-1)  # whole static cache, masked by position
+            tok.copy_(nxt.view(1, 1))
+            pos.add_(1)
+
+        run_step = step
+        if use_graph:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run_step = graph.replay
+        else:
+            for _ in range(3):
+                step()
+        speeds = []
+        for _ in range(runs):
+            pos.fill_(plen)
+            _sync(dev)
+            _barrier(tp)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                run_step()
+            _sync(dev)
+            speeds.append(new_tokens / (time.perf_counter() - t0))
+    return speeds
+
+
+def _decode_compiled(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    cache_len: int,
+    dev: torch.device,
+    tp: TPContext | None,
+    runs: int,
+) -> tuple[list[float], float]:
+    """The project's compiled decode (``Generator(compile=True)``); (tok/s per run, compile s)."""
+    import inspect
+
+    from llmopt.engine.generate import Generator
+    from llmopt.sampling import SamplingParams
+
+    if "compile" not in inspect.signature(Generator.__init__).parameters:
+        raise RuntimeError("this checkout's Generator has no compile option")
+    gen = Generator(model, None, dev, compile=True, max_seq_len=cache_len)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ids = [prompt[0].tolist()]
+    _barrier(tp)
+    t0 = time.perf_counter()
+    gen.generate(ids, params)  # compiles (prefill eager, decode graph)
+    compile_s = time.perf_counter() - t0
+    gen.generate(ids, params)
+    speeds = []
+    for _ in range(runs):
+        _barrier(tp)
+        out = gen.generate(ids, params)[0]
+        assert out.stats is not None
+        speeds.append(out.stats.decode_tokens_per_s)
+    return speeds, compile_s
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads from weights: all but the embedding table (one row of it)."""
+    emb = model.model.embed_tokens.weight
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
+    total = sum(t.numel() * t.element_size() for t in unique.values())
+    tied = model.lm_head.weight is emb
+    return total - (0 if tied else emb.numel() * emb.element_size())
+
+
+def bench_decode(
+    args: argparse.Namespace, tp: TPContext | None, save: Callable[[list[dict[str, Any]]], None]
+) -> list[dict[str, Any]]:
+    from llmopt.devices import resolve_device, resolve_dtype
+    from llmopt.loading.loader import load_model
+    from llmopt.parallel.loading import load_sharded
+
+    dev = tp.device if tp is not None else resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, dev)
+    bw = copy_bandwidth(dev)
+    results: list[dict[str, Any]] = []
+    cache_len = -(-(args.prompt_len + args.new_tokens + 8) // 256) * 256
+    for spec in args.model:
+        t0 = time.perf_counter()
+        try:
+            if tp is None:
+                loaded: Any = load_model(spec, device=dev, dtype=dtype)
+                comm = None
+            else:
+                loaded = load_sharded(spec, tp, dtype=dtype)
+                comm = loaded.comm
+        except Exception as e:
+            results.append(
+                {"model": spec, "tp": args.tp, "error": f"load: {type(e).__name__}: {e}"}
+            )
+            continue
+        load_s = time.perf_counter() - t0
+        model = loaded.model
+        wbytes = _weight_bytes(model)
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, loaded.config.vocab_size, (1, args.prompt_len), generator=gen).to(
+            dev
+        )
+        for mode in args.mode:
+            for ar in args.allreduce if tp is not None else ["none"]:
+                r: dict[str, Any] = {
+                    "model": spec,
+                    "tp": args.tp,
+                    "mode": mode,
+                    "allreduce": ar,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "batch": 1,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens,
+                    "random_weights": True,
+                    "load_s": round(load_s, 2),
+                    "weight_gb_per_rank": wbytes / 1e9,
+                }
+                try:
+                    if comm is not None:
+                        comm.disable_symm_mem()
+                        if ar in ("symm-one-shot", "symm-two-shot"):
+                            comm.enable_symm_mem(ar, dtype, dev)
+                        elif ar == "symm-inductor" and not comm.enable_inductor_symm_mem():
+                            raise RuntimeError(
+                                "this torch has no inductor symmetric-memory lowering"
+                            )
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    if mode == "compile":
+                        torch._dynamo.reset()
+                        speeds, compile_s = _decode_compiled(
+                            model, prompt, args.new_tokens, cache_len, dev, tp, args.runs
+                        )
+                        r["compile_s"] = round(compile_s, 1)
+                    else:
+                        speeds = _decode_step_graph(
+                            model,
+                            prompt,
+                            args.new_tokens,
+                            cache_len,
+                            dev,
+                            tp,
+                            args.runs,
+                            use_graph=(mode == "graph"),
+                        )
+                    r["tok_s_runs"] = [round(s, 2) for s in speeds]
+                    r["tok_s"] = round(statistics.median(speeds), 2)
+                    r["achieved_tbps_per_rank"] = r["tok_s"] * wbytes / 1e12
+                    if bw is not None:
+                        r["copy_tbps"] = round(bw, 3)
+                        r["roofline_tok_s"] = round(bw * 1e12 / wbytes, 1)
+                        r["pct_roofline"] = round(100 * r["tok_s"] / r["roofline_tok_s"], 1)
+                    if dev.type == "cuda":
+                        r["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
+                except Exception as e:
+                    log.exception("decode %s %s %s failed", spec, mode, ar)
+                    r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                results.append(r)
+                save(results)  # after every result: a step killed by its time limit keeps the rest
+                if tp is None or tp.is_main:
+                    print(_row(r), flush=True)
+        if comm is not None:
+            comm.disable_symm_mem()
+        del model, loaded
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# -- summary ---------------------------------------------------------------------------------
+def _row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        what = r.get("model", r.get("method", "?"))
+        how = f"tp={r.get('tp', '?')} {r.get('mode', '')} {r.get('allreduce', '')}"
+        return f"{what:<22} {how}: ERROR {r['error']}"
+    if "method" in r:
+        g = f"{r['graph_us']:8.1f}" if "graph_us" in r else "       -"
+        return (
+            f"all-reduce {r['method']:<14} {r['bytes']:>8} B  eager {r['eager_us']:8.1f} us  "
+            f"graph {g} us  correct {r.get('correct')}/{r.get('graph_correct', '-')}"
+        )
+    roof = f"{r['pct_roofline']:5.1f}% of {r['roofline_tok_s']:.0f}" if "pct_roofline" in r else ""
+    return (
+        f"{r['model']:<22} tp={r['tp']} {r['mode']:<8} {r['allreduce']:<14} "
+        f"{r['tok_s']:8.1f} tok/s  {roof}"
+    )
+
+
+def summarize(paths: list[str]) -> str:
+    rows: list[dict[str, Any]] = []
+    env: dict[str, Any] = {}
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        env = env or data.get("env", {})
+        rows.extend(data.get("results", []))
+    lines = [f"env: {json.dumps(env)}"]
+    bws = {r["copy_tbps"] for r in rows if "copy_tbps" in r}
+    if bws:
+        lines.append(
+            f"copy bandwidth (read+write) per GPU: {', '.join(f'{b:.2f}' for b in sorted(bws))} TB/s"
+        )
+    lines += [_row(r) for r in rows]
+    # TP=2 over TP=1 speed-ups, per model and mode (best all-reduce at TP=2).
+    best: dict[tuple[str, str, int], float] = {}
+    for r in rows:
+        if "tok_s" in r:
+            key = (r["model"], r["mode"], r["tp"])
+            best[key] = max(best.get(key, 0.0), r["tok_s"])
+    for (model, mode, tpn), v in sorted(best.items()):
+        base = best.get((model, mode, 1))
+        if tpn > 1 and base:
+            lines.append(
+                f"speed-up {model} {mode}: TP={tpn} {v:.1f} / TP=1 {base:.1f} = {v / base:.2f}x"
+            )
+    return "\n".join(lines)
+
+
+# -- entry point ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llmopt.parallel.tpbench")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("allreduce")
+    a.add_argument(
+        "--numel",
+        type=int,
+        action="append",
+        default=None,
+        help="elements per all-reduce (repeatable; default 4096 = 8 KB of bf16)",
+    )
+    a.add_argument("--iters", type=int, default=500)
+    a.add_argument("--graph-calls", type=int, default=100)
+    d = sub.add_parser("decode")
+    d.add_argument("--model", action="append", required=True)
+    d.add_argument("--mode", action="append", choices=("eager", "graph", "compile"), default=None)
+    d.add_argument(
+        "--allreduce",
+        action="append",
+        default=None,
+        choices=("nccl", "symm-one-shot", "symm-two-shot", "symm-inductor"),
+    )
+    d.add_argument("--prompt-len", type=int, default=5)
+    d.add_argument("--new-tokens", type=int, default=200)
+    d.add_argument("--runs", type=int, default=3)
+    d.add_argument("--dtype", default="auto")
+    for q in (a, d):
+        q.add_argument("--tp", type=int, default=1)
+        q.add_argument("--device", default="auto")
+        q.add_argument("--out", default=None, help="JSON file (written by rank 0)")
+    s = sub.add_parser("summary")
+    s.add_argument("files", nargs="+")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.cmd == "summary":
+        print(summarize(args.files))
+        return 0
+    if args.tp > 1 and rank_env() is None:
+        from llmopt.parallel.launch import launch_ranks
+
+        return launch_ranks([sys.executable, "-m", "llmopt.parallel.tpbench", *argv], args.tp)
+    if args.cmd == "allreduce" and args.tp < 2:
+        print("allreduce needs --tp >= 2", file=sys.stderr)
+        return 2
+    tp = init_tp(args.tp, args.device) if args.tp > 1 else None
+    t0 = time.perf_counter()
+
+    def save(results: list[dict[str, Any]]) -> None:
+        if args.out and (tp is None or tp.is_main):
+            out = {
+                "command": "python -m llmopt.parallel.tpbench " + " ".join(argv),
+                "env": _env_info(),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "results": results,
+            }
+            Path(args.out).write_text(json.dumps(out, indent=2))
+
+    if args.cmd == "allreduce":
+        assert tp is not None
+        results = bench_allreduce(tp, args.numel or [4096], args.iters, args.graph_calls)
+        bw = copy_bandwidth(tp.device)
+        if bw is not None:
+            for r in results:
+                r["copy_tbps"] = round(bw, 3)
+    else:
+        args.mode = args.mode or ["graph"]
+        args.allreduce = args.allreduce or ["nccl"]
+        results = bench_decode(args, tp, save)
+    save(results)
+    if args.cmd == "allreduce" and tp.is_main:
+        for r in results:
+            print(_row(r))
+    shutdown_tp()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

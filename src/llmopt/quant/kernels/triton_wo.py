@@ -1,0 +1,151 @@
+"""Triton fused dequantise-and-matmul for weight-only formats (CUDA; batch 1..16 and beyond).
+
+One kernel, specialised at compile time by ``FMT``:
+  0 int8  : w [N, K] int8, per-channel scale applied after the dot (codes are exact in bf16)
+  1 int4  : codes [K/8, N] int32 packed along K, asymmetric: w = (q - zero[g, n]) * scale[g, n]
+  2 nf4   : codes [K/8, N] int32, w = NF4[q] * absmax[g, n]
+  3 fp8   : w [N, K] float8_e4m3fn, per-channel scale applied after the dot
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of the output over one of SPLIT_K contiguous
+slices of K; with SPLIT_K > 1 the partial sums are added atomically into a float32 output.
+Split-K is what fills an H100 at batch 1: N / BLOCK_N alone is ~64-128 programs for 4096-wide
+layers, too few to keep 132 SMs streaming weights. When a K tile lies inside one quantisation
+group (BLOCK_K <= GROUP; tiles are aligned) the group's scale multiplies the tile's partial dot
+once per column instead of once per weight.
+
+References: ``reference.py`` (the plain-PyTorch paths); tests: tests/test_quant_kernels.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from llmopt.quant.primitives import nf4_codebook
+
+FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8 = 0, 1, 2, 3
+BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
+
+
+def _configs() -> list[triton.Config]:
+    # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): a small set, so autotuning stays
+    # within seconds per shape.
+    table = [
+        (64, 64, 1, 4, 4), (64, 128, 1, 4, 3), (32, 128, 2, 4, 4), (64, 128, 4, 4, 3),
+        (128, 64, 4, 4, 3), (64, 32, 8, 4, 4), (128, 128, 2, 8, 3), (32, 64, 8, 2, 4),
+    ]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+            for bn, bk, sk, w, s in table]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "FMT", "GROUP"], reset_to_zero=["out_ptr"])
+@triton.jit
+def _wo_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # each split owns a contiguous, BLOCK_K-aligned range of K
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for kk in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        wmask = mask_k[:, None] & mask_n[None, :]
+        if FMT == 0:
+            w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=wmask, other=0)  # [BK, BN]
+            acc += tl.dot(x, w.to(x.dtype))
+        elif FMT == 3:
+            w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=wmask, other=0.0)
+            acc += tl.dot(x, w.to(x.dtype))
+        else:
+            # 8 consecutive k share one int32 word; the repeated loads hit L1.
+            q = tl.load(w_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
+            q = (q >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BK, BN] codes
+            if BLOCK_K <= GROUP:
+                g = k0 // GROUP
+                # a split's last tiles may lie past K: their group row does not exist
+                mask_g = mask_n & ((offs_n * 0 + k0) < K)
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)  # [BN]
+                if FMT == 1:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)
+                    w = q.to(tl.float32) - z[None, :]  # integers in [-15, 15]: exact in bf16
+                else:
+                    w = tl.load(lut_ptr + q)
+                acc += tl.dot(x, w.to(x.dtype)) * s[None, :]
+            else:
+                g2 = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + g2, mask=wmask, other=0.0).to(tl.float32)  # [BK, BN]
+                if FMT == 1:
+                    z = tl.load(z_ptr + g2, mask=wmask, other=0.0).to(tl.float32)
+                    w = (q.to(tl.float32) - z) * s
+                else:
+                    w = tl.load(lut_ptr + q) * s
+                acc += tl.dot(x, w.to(x.dtype))
+    if FMT == 0 or FMT == 3:
+        s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=omask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=omask)
+
+
+@functools.cache
+def _nf4_lut(device: torch.device) -> torch.Tensor:
+    return nf4_codebook().to(device)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
+            n: int, fmt: int, group: int) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    # float32 so split-K partial sums can be added atomically; cast once at the end
+    out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+
+    def grid(meta: dict[str, int]) -> tuple[int, int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, BLOCK_M))
+
+    _wo_matmul_kernel[grid](x2, w, s, z, lut, out, m, n, k, x2.stride(0), out.stride(0),
+                            FMT=fmt, GROUP=group, BLOCK_M=BLOCK_M)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (qweight [N, K] int8 * scales[N]).T"""
+    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_INT8, 1 << 30)
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [..., K] @ W.T with W from codes [K/8, N] and scales/zeros [G, N]."""
+    return _launch(x, qweight, scales, zeros, scales, qweight.shape[1], FMT_INT4, group_size)
+
+
+def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    return _launch(x, qweight, absmax, absmax, _nf4_lut(x.device), qweight.shape[1], FMT_NF4, block_size)
+
+
+def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Weight-only FP8: e4m3 weights converted to the activation dtype in registers."""
+    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_FP8, 1 << 30)
