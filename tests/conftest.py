@@ -25,3 +25,13 @@ def default_model_dir() -> str:
         return str(resolve_model(DEFAULT_MODEL, progress=False))
     except UserError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny matmuls: on a shared 2-core runner it beats two by
+    a wide margin (OpenMP spin-waits). Modules opt in with ``pytestmark``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,14 +11,7 @@ from llmopt.loading.loader import load_model, random_model
 from llmopt.loading.presets import preset_config
 from llmopt.sampling import SamplingParams
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one intra-op thread beats two on a shared 2-core runner by a wide margin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(n: int, vocab: int, lo: int = 1, hi: int = 60, seed: int = 0) -> list[list[int]]:

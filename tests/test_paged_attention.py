@@ -16,14 +16,7 @@ from llmopt.kv_cache.paged import install_paged_caches
 from llmopt.loading.loader import random_model
 from llmopt.loading.presets import preset_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one intra-op thread beats two on a shared 2-core runner by a wide margin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_case(device: torch.device, dtype: torch.dtype, qlens: list[int], starts: list[int],

@@ -55,6 +55,24 @@ def test_cpu_paths_match_float64_dequant() -> None:
         torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k,group", [(64, 576, 64), (96, 576, 128), (32, 128, 32)])
+def test_int4_module_cpu_decode_path(n: int, k: int, group: int) -> None:
+    """Int4Linear takes torch's CPU int4 GEMV at decode sizes (when K is whole groups):
+    it must agree with dequantise-then-matmul, the path longer inputs take."""
+    from llmopt.quant.int4 import quantize_weight_rtn
+
+    g = torch.Generator().manual_seed(k + group)
+    w = torch.randn(n, k, generator=g)
+    m = quantize_weight_rtn(w, group, torch.randn(n, generator=g))
+    w_deq = m.dequantize().double()
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, k, generator=g)
+        expect = F.linear(x.double(), w_deq, m.bias.double())
+        torch.testing.assert_close(m(x).double(), expect, rtol=1e-4, atol=1e-4)
+    used = m.__dict__.get("_cpu_pack_cache")
+    assert (used is not None and used[2] is not None) == (k % group == 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)

@@ -23,16 +23,9 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).parent))
 from server_utils import LiveServer, start_server  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODEL = "test-model"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one intra-op thread beats two on a shared 2-core runner by a wide margin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model_and_tokenizer(model_dir: str):

@@ -67,7 +67,9 @@ TINY_DRAFTERS = ["ngram", "self-layers:1", "self-layers:2", "replay", "always-wr
 def test_greedy_equal_for_every_drafter_tiny(tiny: torch.nn.Module, adaptive: bool) -> None:
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
     ref = Generator(tiny, None, CPU).generate([prompt], GREEDY)[0].token_ids
-    for drafter in _drafters(tiny, ref, TINY_DRAFTERS):
+    # Adaptive k mostly changes how many drafts are verified: a few drafters cover it.
+    names = TINY_DRAFTERS if not adaptive else ["ngram", "self-layers:2", "replay", "always-wrong"]
+    for drafter in _drafters(tiny, ref, names):
         gen = SpeculativeGenerator(tiny, None, CPU, drafter, SpeculativeConfig(k=3, adaptive=adaptive))
         out = gen.generate([prompt], GREEDY)[0]
         assert out.token_ids == ref, drafter.name

@@ -14,11 +14,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run() {  # name, args...
     local name=$1; shift
     echo "=== $name: llmopt bench $*"
-    timeout 420 $B "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -22 > /tmp/run.txt
+    timeout ${RUN_S:-420} $B "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -22 > /tmp/run.txt
     { echo "=== $name: llmopt bench $*"; cat /tmp/run.txt; } >> "$OUT/log.txt"
     tail -3 /tmp/run.txt
 }
+T0=$SECONDS
 for r in "$@"; do
+    # DEADLINE_S: skip runs that would not finish inside the device call (each needs ~RUN_S)
+    if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + ${RUN_S:-420})) -gt "$DEADLINE_S" ]; then
+        echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue
+    fi
     case $r in
         tests) python3 -m pytest -q -m gpu tests/test_gpu_decode.py -p no:cacheprovider 2>&1 | tail -6 | tee -a "$OUT/log.txt" ;;
         l2-7b_b1) run $r $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
@@ -30,6 +35,14 @@ for r in "$@"; do
         l2-7b_ctx4000) run $r $L7 --prompt-len 4000 --new-tokens 200 --runs 3 ;;
         l2-7b_b8) run $r $L7 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_b32) run $r $L7 --batch-size 32 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int8) run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int8_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32) run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128) run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_nf4) run $r $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_fp8) run $r $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;
         l3-8b_b1) run $r --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;
         *) echo "unknown run $r" ;;
     esac

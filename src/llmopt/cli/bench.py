@@ -60,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json_path:
         out = result.as_dict()
+        import os
         import sys
 
         out["command"] = "llmopt " + " ".join(sys.argv[1:])
+        # switches that change what runs (kernel choice, tuning) belong with the number
+        out["env"] = {k: v for k, v in sorted(os.environ.items())
+                      if k.startswith("LLMOPT_") and k != "LLMOPT_CACHE"}
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(out, indent=2))
     return 0

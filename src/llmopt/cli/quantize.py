@@ -80,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} is already quantised ({lm.quant})")
     calibration = None
     if config.needs_calibration:
-        from llmopt.quant.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, load_calibration
+        from llmopt.quant.calibration import (
+            DEFAULT_CALIB_SEQ_LEN,
+            DEFAULT_CALIB_TOKENS,
+            load_calibration,
+        )
 
         calibration = load_calibration(lm.tokenizer, args.calib, args.calib_tokens or DEFAULT_CALIB_TOKENS,
                                        args.calib_seq_len or DEFAULT_CALIB_SEQ_LEN, lm.config.vocab_size)

@@ -207,7 +207,11 @@ def quantize_loaded(
     config = parse_quant_spec(spec) if isinstance(spec, str) else spec
     calibration = None
     if config.needs_calibration:
-        from llmopt.quant.calibration import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_TOKENS, load_calibration
+        from llmopt.quant.calibration import (
+            DEFAULT_CALIB_SEQ_LEN,
+            DEFAULT_CALIB_TOKENS,
+            load_calibration,
+        )
 
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         calibration = load_calibration(tokenizer, calib_path, calib_tokens or DEFAULT_CALIB_TOKENS,

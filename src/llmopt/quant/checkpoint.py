@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from llmopt.errors import CheckpointError, UserError
-from llmopt.quant.api import DEFAULT_SKIP, QuantConfig, make_config, quantizable_linears, set_submodule
+from llmopt.quant.api import (
+    DEFAULT_SKIP,
+    QuantConfig,
+    make_config,
+    quantizable_linears,
+    set_submodule,
+)
+from llmopt.quant.kernels.reference import unpack_int4_kn
 from llmopt.quant.linear import FP8Linear, Int4Linear, Int8Linear, NF4Linear
 from llmopt.quant.primitives import (
     pack_awq,
@@ -36,7 +43,6 @@ from llmopt.quant.primitives import (
     unpack_awq,
     unpack_bits,
 )
-from llmopt.quant.kernels.reference import unpack_int4_kn
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +274,8 @@ def save_quantized(model: nn.Module, tokenizer: Any | None, config: QuantConfig,
         raise UserError(f"{out_dir} already exists and is not empty; choose another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         tensors = {k: v.cpu() for k, v in checkpoint_tensors(model, config).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -276,6 +284,10 @@ def save_quantized(model: nn.Module, tokenizer: Any | None, config: QuantConfig,
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        # mkdtemp makes a private (0700) directory; give the result ordinary permissions
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

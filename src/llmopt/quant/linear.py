@@ -15,6 +15,7 @@ from llmopt.quant import kernels
 from llmopt.quant.primitives import (
     DoubleQuant,
     double_dequantize,
+    nf4_codebook,
     num_groups,
     pack_bits,
 )
@@ -110,7 +111,28 @@ class Int4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if kernels._cpu_small(x) and self.in_features % self.group_size == 0:
+            packed = self._cpu_packed()
+            if packed is not None:
+                return kernels.int4_linear_cpu_packed(x, packed[0], packed[1], self.group_size, self.bias)
         return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """torch's CPU int4 layout, built on first use and kept outside the state dict (a second,
+        small copy of the codes: K*N/2 bytes). Rebuilt if the buffers are replaced."""
+        cache = self.__dict__.get("_cpu_pack_cache")
+        if cache is not None and cache[0] is self.qweight and cache[1] is self.scales:
+            return cache[2]
+        packed = None
+        if hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and self.out_features % 16 == 0:
+            codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t().to(torch.int32)  # [N, K]
+            w = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            # torch's convention is w = (q - 8) * scale + zero, with a float zero per group
+            s = self.scales.float()
+            scales_zeros = torch.stack([s, (8 - self.zeros.float()) * s], dim=-1).contiguous()  # [G, N, 2]
+            packed = (w, scales_zeros)
+        self.__dict__["_cpu_pack_cache"] = (self.qweight, self.scales, packed)
+        return packed
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] in the model's channel order."""
@@ -142,6 +164,8 @@ class NF4Linear(QuantLinear):
         self.dq_block_size = dq_block_size
         g = num_groups(in_features, block_size)
         self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device))
+        # the 16 levels travel with the module (not saved): the GPU kernel reads them as a tensor
+        self.register_buffer("codebook", nf4_codebook().to(device), persistent=False)
         if double_quant:
             nb = -(-g * out_features // dq_block_size)
             self.register_buffer("absmax", None)
@@ -151,6 +175,13 @@ class NF4Linear(QuantLinear):
         else:
             self.register_buffer("absmax", torch.ones(g, out_features, dtype=dtype, device=device))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # built on meta for loading: the (unsaved) codebook follows the loaded codes' device
+        q = state_dict.get(prefix + "qweight")
+        if q is not None and self.codebook.device != q.device:
+            self.codebook = nf4_codebook().to(q.device)
+
     def current_absmax(self) -> torch.Tensor:
         if not self.double_quant:
             return self.absmax
@@ -159,7 +190,7 @@ class NF4Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         absmax = self.current_absmax().to(x.dtype)
-        return kernels.nf4_linear(x, self.qweight, absmax, self.block_size, self.bias)
+        return kernels.nf4_linear(x, self.qweight, absmax, self.block_size, self.bias, self.codebook)
 
     def dequantize(self) -> torch.Tensor:
         a = self.current_absmax()

@@ -1,7 +1,10 @@
 """Weight-only quantised matmuls: one function per format, dispatching by device and batch.
 
-- CPU (any batch): the plain-PyTorch path in ``reference.py`` (dequantise, or scale after the
-  matmul where that is exact).
+- CPU, more than ``SMALL_M`` rows, and nf4/fp8 at any size: the plain-PyTorch path in
+  ``reference.py`` (dequantise, or scale after the matmul where that is exact).
+- CPU, at most ``SMALL_M`` rows: ``torch._weight_int8pack_mm`` for int8 and
+  ``torch._weight_int4pack_mm_for_cpu`` for int4 (when K is a whole number of groups), which
+  are faster there (timings next to each call).
 - CUDA, at most ``SMALL_M`` rows (decode, batch 1..16): the fused Triton dequantise-and-matmul in
   ``triton_wo.py``; it reads the packed weight once, which is what makes decode bandwidth-bound
   on fewer bytes.
@@ -15,8 +18,8 @@ Triton is imported only when a CUDA tensor reaches a Triton path, so the CPU pat
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import os
 
 import torch
 
@@ -25,15 +28,29 @@ from llmopt.quant.kernels import reference as ref
 SMALL_M = 16
 
 
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _gpu_kernel_choice() -> str:
+    """``LLMOPT_WO_KERNEL=torch`` sends CUDA decode to the plain-PyTorch path, which torch.compile
+    fuses (dequantise inside inductor's GEMV); the default ``triton`` uses ``triton_wo.py``. Both
+    are kept so the benchmark can choose between them by measurement."""
+    choice = os.environ.get("LLMOPT_WO_KERNEL", "triton")
+    if choice not in ("triton", "torch"):
+        raise ValueError(f"LLMOPT_WO_KERNEL must be 'triton' or 'torch', got {choice!r}")
+    return choice
+
+
+# Decided once at import: forward() runs under torch.compile, which cannot trace
+# importlib or os.environ lookups (dynamo refuses find_spec as a skipped function).
+_TRITON_OK = importlib.util.find_spec("triton") is not None and _gpu_kernel_choice() == "triton"
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     # float32 activations would make tl.dot run in tf32: keep those on the exact path.
-    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and _have_triton()
+    return (_TRITON_OK and x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() // x.shape[-1] <= SMALL_M)
+
+
+def _cpu_small(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= SMALL_M
 
 
 def int8_linear(
@@ -44,7 +61,27 @@ def int8_linear(
 
         y = int8_matmul(x, qweight, scales)
         return y if bias is None else y + bias
+    if _cpu_small(x) and hasattr(torch, "_weight_int8pack_mm"):
+        # CPU decode: torch's int8 GEMV is 1.35x (fp32) to 10x (bf16) faster than the float
+        # matmul at 1 row (1536x576, one thread); at prefill sizes it is far slower (14x at
+        # 1024 rows), so longer inputs take the reference path.
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch._weight_int8pack_mm(x2, qweight, scales.to(x.dtype)).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
     return ref.int8_linear_ref(x, qweight, scales, bias)
+
+
+def int4_linear_cpu_packed(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CPU decode through ``torch._weight_int4pack_mm_for_cpu`` (weights prepacked by
+    ``Int4Linear``): 2.6x (fp32) to 75x (bf16) faster than dequantise-then-matmul at one row
+    (1536x576, g64, one thread), but 40x slower at 256 rows in fp32, hence decode sizes only."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros.to(x.dtype))
+    y = y.reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
 
 
 def int4_linear(
@@ -61,12 +98,14 @@ def int4_linear(
 
 def nf4_linear(
     x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``lut``: the 16 NF4 levels on x's device (a module buffer, so compiled graphs see a tensor
+    rather than a cached function call)."""
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import nf4_matmul
 
-        y = nf4_matmul(x, qweight, absmax, block_size)
+        y = nf4_matmul(x, qweight, absmax, block_size, lut)
         return y if bias is None else y + bias
     return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias)
 

@@ -142,8 +142,10 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return _launch(x, qweight, scales, zeros, scales, qweight.shape[1], FMT_INT4, group_size)
 
 
-def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
-    return _launch(x, qweight, absmax, absmax, _nf4_lut(x.device), qweight.shape[1], FMT_NF4, block_size)
+def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int,
+               lut: torch.Tensor | None = None) -> torch.Tensor:
+    lut = _nf4_lut(x.device) if lut is None else lut
+    return _launch(x, qweight, absmax, absmax, lut, qweight.shape[1], FMT_NF4, block_size)
 
 
 def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
