@@ -88,6 +88,25 @@ def test_eval_cli_on_default_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert r["agreement"] > 0.9 and 0 < r["kl"] < 0.05
 
 
+def test_eval_reference_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str], default_model_dir: str) -> None:
+    """bfloat16 against the float32 model: the reference really is loaded in float32 (KL > 0,
+    where the same dtype gives exactly 0)."""
+    from llmopt.cli.main import main
+
+    kls = {}
+    for ref_dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{ref_dtype}.json"
+        rc = main(["eval", "--dtype", "bfloat16", "--reference", "smollm2-135m", "--reference-dtype", ref_dtype,
+                   "--device", "cpu", "--max-tokens", "96", "--window", "96", "--stride", "96",
+                   "--json", str(out)])
+        capsys.readouterr()
+        assert rc == 0
+        obj = json.loads(out.read_text())
+        assert obj["reference_dtype"] == ref_dtype and obj["dtype"] == "bfloat16"
+        kls[ref_dtype] = obj["result"]["kl"]
+    assert kls["bfloat16"] == 0.0 and 0 < kls["float32"] < 0.05
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--corpus", "MISSING"], "not found"),
     (["--corpus", "EMPTY"], "is empty"),

@@ -157,7 +157,7 @@ def _worker(rank: int, port: int, out_dir: str, ckpt: str) -> None:
         "full_params": pre.config.num_params,
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
-    shutdown_tp()
+    shutdown_tp(barrier=True)
 
 
 @pytest.fixture(scope="module")

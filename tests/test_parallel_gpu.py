@@ -97,7 +97,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         gen = Generator(shard, None, dev, compile=True, max_seq_len=64)
         res[f"compiled_{mode}_tokens_equal"] = gen.generate(ids, sp)[0].token_ids == ref_tokens
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
-    shutdown_tp()
+    shutdown_tp(barrier=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,10 @@
 """CPU decode speed of llmopt against Hugging Face transformers' generate, same weights.
 
-Runs both in one process, alternating, so they see the same machine load. Also times the
-default model's first-use conversion (fresh cache) and a warm load.
+Runs every configuration in one process, interleaved, so all see the same machine load:
+llmopt eager float32, llmopt compiled (inductor, frozen weights) float32 and bfloat16, and
+transformers' generate in float32 (the issue's baseline) and bfloat16. Greedy, end-to-end
+tokens/s including prefill. Also times the default model's first-use conversion (fresh cache)
+and a warm load. What bfloat16 costs in quality: bench/results/quality/cpu-bf16.json.
 
     python bench/cpu/generate_vs_hf.py --json bench/results/cpu_generate_vs_hf.json
 """
@@ -19,6 +22,13 @@ import tempfile
 import time
 
 import torch
+
+
+def _before_eos(ids: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i]
+    return ids
 
 
 def main() -> None:
@@ -50,50 +60,78 @@ def main() -> None:
     from llmopt.sampling import SamplingParams
 
     model_dir = resolve_model("smollm2-135m", progress=False)
-    ours = load_model(str(model_dir), device="cpu", dtype="float32", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompt = ours.tokenizer.encode("The capital of France is")
-    gen = Generator(ours.model, ours.tokenizer, torch.device("cpu"))
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    runners: dict[str, object] = {}
+    compile_s: dict[str, float] = {}
+    texts: dict[str, list[int]] = {}
+    prompt: list[int] = []
+    eos: set[int] = set()
 
-    def run_ours() -> tuple[float, float]:
+    def ours(dtype: str, compile: bool):
+        nonlocal prompt, eos
+        lm = load_model(str(model_dir), device="cpu", dtype=dtype, progress=False)
+        prompt = lm.tokenizer.encode("The capital of France is")
+        eos = set(lm.tokenizer.eos_token_ids)
+        gen = Generator(lm.model, lm.tokenizer, torch.device("cpu"), compile=compile,
+                        max_seq_len=256 if compile else None)
+
+        def run() -> tuple[float, list[int]]:
+            t0 = time.perf_counter()
+            out = gen.generate([prompt], params)[0]
+            total = time.perf_counter() - t0
+            assert len(out.token_ids) == args.new_tokens
+            return args.new_tokens / total, out.token_ids
+        return run
+
+    def hf(dtype: torch.dtype):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+        def run() -> tuple[float, list[int]]:
+            ids = torch.tensor([prompt])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     do_sample=False, pad_token_id=0)
+            total = time.perf_counter() - t0
+            assert out.shape[1] - len(prompt) == args.new_tokens
+            return args.new_tokens / total, out[0, len(prompt):].tolist()
+        return run
+
+    # name -> runner; the first run of each is its warm-up (and, compiled, its compile)
+    configs = {
+        "llmopt_fp32_eager": lambda: ours("float32", False),
+        "llmopt_fp32_compiled": lambda: ours("float32", True),
+        "llmopt_bf16_compiled": lambda: ours("bfloat16", True),
+        "hf_fp32": lambda: hf(torch.float32),
+        "hf_bf16": lambda: hf(torch.bfloat16),
+    }
+    for name, make in configs.items():
+        runners[name] = make()
         t0 = time.perf_counter()
-        out = gen.generate([prompt], params)[0]
-        total = time.perf_counter() - t0
-        assert len(out.token_ids) == args.new_tokens
-        return args.new_tokens / total, out.stats.decode_tokens_per_s
-
-    def run_hf() -> float:
-        ids = torch.tensor([prompt])
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - t0
-        assert out.shape[1] - len(prompt) == args.new_tokens
-        return args.new_tokens / total
-
-    run_ours(), run_hf()  # warm-up
-    ours_e2e, ours_dec, hf_e2e = [], [], []
-    for _ in range(args.runs):
-        a, b = run_ours()
-        ours_e2e.append(a)
-        ours_dec.append(b)
-        hf_e2e.append(run_hf())
-    med = statistics.median
+        _, texts[name] = runners[name]()
+        compile_s[name] = time.perf_counter() - t0
+    speeds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.runs):  # interleaved, so every config sees the same machine load
+        for name, run in runners.items():
+            speeds[name].append(run()[0])
+    med = {name: round(statistics.median(v), 2) for name, v in speeds.items()}
+    base = med["hf_fp32"]
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "model": "smollm2-135m (SmolLM2-135M-Instruct, dequantised Q4_1, real weights)",
-        "dtype": "float32",
         "threads": args.threads,
         "new_tokens": args.new_tokens,
         "prompt_tokens": len(prompt),
         "runs": args.runs,
-        "llmopt_tokens_per_s": round(med(ours_e2e), 2),
-        "llmopt_decode_tokens_per_s": round(med(ours_dec), 2),
-        "hf_generate_tokens_per_s": round(med(hf_e2e), 2),
-        "speedup": round(med(ours_e2e) / med(hf_e2e), 2),
-        "all_runs": {"llmopt": ours_e2e, "hf": hf_e2e},
+        "tokens_per_s": med,
+        "speedup_vs_hf_fp32": {name: round(v / base, 2) for name, v in med.items()},
+        "first_run_s": {name: round(v, 2) for name, v in compile_s.items()},
+        # transformers' min_new_tokens masks EOS while llmopt's ignore_eos emits it and goes on,
+        # so tokens are compared up to the first EOS
+        "greedy_tokens_before_eos_equal_hf_fp32": {name: _before_eos(texts[name], eos) == _before_eos(
+            texts["hf_fp32"], eos)[:len(_before_eos(texts[name], eos))] for name in texts},
+        "tokens_before_eos": {name: len(_before_eos(texts[name], eos)) for name in texts},
+        "all_runs": speeds,
         "first_use_conversion_s": round(conv_s, 2),
         "warm_load_s": round(load_s, 2),
         "versions": {"torch": torch.__version__, "python": platform.python_version(),

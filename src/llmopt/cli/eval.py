@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="text file (default: packaged prideprejudice.txt)")
     p.add_argument("--reference", default=None, metavar="M0",
                    help="reference model: adds greedy top-1 agreement and KL(ref || model)")
+    p.add_argument("--reference-dtype", default=None, metavar="DTYPE",
+                   help="dtype of the reference (default: --dtype); e.g. float32 to measure what "
+                        "bfloat16 costs")
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (default 16384)")
     p.add_argument("--window", type=int, default=1024, help="tokens per forward pass (default 1024)")
     p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
@@ -31,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command_string(args: argparse.Namespace) -> str:
     parts = ["llmopt", "eval", "--model", args.model]
     for flag, value in (("--quant", args.quant), ("--corpus", args.corpus), ("--reference", args.reference),
-                        ("--device", args.device), ("--dtype", args.dtype)):
+                        ("--reference-dtype", args.reference_dtype), ("--device", args.device),
+                        ("--dtype", args.dtype)):
         if value is not None:
             parts += [flag, str(value)]
     parts += ["--max-tokens", str(args.max_tokens), "--window", str(args.window), "--stride", str(args.stride)]
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     lm.model.set_attention_backend(args.attention)
     ref = None
     if args.reference:
-        ref = load_model(args.reference, device=args.device, dtype=args.dtype, progress=progress)
+        ref = load_model(args.reference, device=args.device, dtype=args.reference_dtype or args.dtype,
+                         progress=progress)
         if ref.config.vocab_size != lm.config.vocab_size:
             raise UserError(f"--reference has vocabulary {ref.config.vocab_size}, the model {lm.config.vocab_size}")
     tokenizer = lm.tokenizer or (ref.tokenizer if ref else None)
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "quant": lm.quant,
             "reference": args.reference,
+            "reference_dtype": str(ref.dtype).replace("torch.", "") if ref else None,
             "corpus": str(args.corpus) if args.corpus else "packaged:prideprejudice.txt",
             "config": {"window": config.window, "stride": config.stride, "max_tokens": config.max_tokens,
                        "bos": config.bos, "bos_token_id": tokenizer.bos_token_id if config.bos else None},

@@ -72,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
-        rc = importlib.import_module(args._module).run(args)
-        return int(rc or 0)
+        rc = int(importlib.import_module(args._module).run(args) or 0)
+        if rc == 0 and "llmopt.parallel.process_group" in sys.modules:
+            # a tensor-parallel rank that finished cleanly: leave the group together with the others
+            sys.modules["llmopt.parallel.process_group"].shutdown_tp(barrier=True)
+        return rc
     except UserError as e:
         if debug:
             raise

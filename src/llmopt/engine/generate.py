@@ -66,11 +66,11 @@ class Generator:
             # plus their epilogues to its own reductions; see docs/benchmarks.md).
             if fuse_projections:
                 fuse_fn(model)
-            self._decode_graph = compile_fn(self._decode_static, compile_mode)
+            self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device)
             if compile_prefill:
                 # One graph for every prompt length (dynamic shapes); no CUDA graph, since the
                 # work per launch is large at prefill and lengths vary; no autotuning (compile time).
-                self._prefill_fn = compile_fn(model, "default", dynamic=True)
+                self._prefill_fn = compile_fn(model, "default", dynamic=True, device=device)
 
     def _decode_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # tokens, positions: [B, 1]; reads the whole static cache (the backend limits by length)

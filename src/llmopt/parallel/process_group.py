@@ -12,7 +12,6 @@ import atexit
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -205,17 +204,26 @@ def _label_logs(rank: int) -> None:
         handler.setFormatter(fmt)
 
 
+_WATCH_STOP = threading.Event()
+_WATCHER: threading.Thread | None = None
+
+
 def _watch_launcher(pid: int) -> None:
-    """Exit when the launcher is gone, so no rank outlives a killed ``llmopt --tp`` process."""
+    """Exit when the launcher is gone, so no rank outlives a killed ``llmopt --tp`` process.
+    ``shutdown_tp`` stops and joins the thread: a daemon thread still running at interpreter
+    exit is ended by a forced unwind, which aborted ranks ("terminate called without an active
+    exception") now and then."""
+    global _WATCHER
 
     def watch() -> None:
-        while True:
-            time.sleep(1.0)
+        while not _WATCH_STOP.wait(1.0):
             if os.getppid() != pid:
                 log.error("the launcher (pid %d) is gone; this rank stops", pid)
                 os._exit(1)
 
-    threading.Thread(target=watch, name="llmopt-launcher-watch", daemon=True).start()
+    _WATCH_STOP.clear()
+    _WATCHER = threading.Thread(target=watch, name="llmopt-launcher-watch", daemon=True)
+    _WATCHER.start()
 
 
 def init_tp(tp: int, device_spec: str = "auto", allreduce: str = "nccl") -> TPContext:
@@ -277,13 +285,23 @@ def init_tp(tp: int, device_spec: str = "auto", allreduce: str = "nccl") -> TPCo
     return _CURRENT
 
 
-def shutdown_tp() -> None:
-    global _CURRENT
+def shutdown_tp(barrier: bool = False) -> None:
+    """Leave the group. ``barrier=True`` (a rank that finished cleanly) first waits for the
+    others: rank 0 hosts the rendezvous store, and tearing it down while a peer still talks to it
+    aborted rank 0 now and then. The atexit call (also after errors) does not wait, so a failed
+    rank never blocks on peers stuck in a collective; the launcher stops those."""
+    global _CURRENT, _WATCHER
+    if _WATCHER is not None:
+        _WATCH_STOP.set()
+        _WATCHER.join()
+        _WATCHER = None
     if _CURRENT is None:
         return
     _CURRENT = None
     if dist.is_available() and dist.is_initialized():
         try:
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
         except Exception as e:  # a peer already gone: nothing more to release
             log.debug("destroy_process_group: %s", e)

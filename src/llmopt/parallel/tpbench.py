@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "allreduce" and tp.is_main:
         for r in results:
             print(_row(r))
-    shutdown_tp()
+    shutdown_tp(barrier=True)
     return 0
 
 

@@ -187,15 +187,17 @@ class SpeculativeGenerator(Generator):
             )
         if params.repetition_penalty != 1.0:
             raise UserError("speculative decoding does not support --repetition-penalty; drop --draft")
-        plain_tps = None
+        plain = None
         if self.spec.compare_plain:
             plain = Generator(self.model, self.tokenizer, self.device).generate(prompts, params)[0]
             assert plain.stats is not None
-            plain_tps = plain.stats.decode_tokens_per_s
         out = self._generate_one(prompts[0], params, stream)
         assert self.last_stats is not None
-        self.last_stats.plain_decode_tokens_per_s = plain_tps
+        self.last_stats.plain_decode_tokens_per_s = plain.stats.decode_tokens_per_s if plain else None
         out.extra["speculative"] = self.last_stats.as_dict()
+        if plain is not None and params.temperature == 0:
+            # greedy: speculation must not change a single token
+            out.extra["speculative"]["same_tokens_as_plain"] = plain.token_ids == out.token_ids
         return [out]
 
     @torch.inference_mode()
