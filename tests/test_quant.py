@@ -330,3 +330,22 @@ def test_checkpoint_with_missing_tensor_is_one_line_exit_2(tiny_dir: Path, tmp_p
         save_file(sd, str(out / "model.safetensors"))
         rc, _, err = _cli(["generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
         assert rc == 2 and err.count("\n") == 1 and drop in err, err
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g32", "nf4"])
+def test_quantised_model_compiles_and_decodes_like_eager(spec: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantised modules trace with fullgraph torch.compile (the --compile path) and the
+    compiled decode gives the eager tokens."""
+    from llmopt.engine.generate import Generator
+    from llmopt.sampling import SamplingParams
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    model = random_model(preset_config("tiny"), CPU, torch.float32, seed=5)
+    model.lm_head.weight.mul_(40.0)  # greedy choices far from ties
+    quantize_(model, spec)
+    prompts = [[3, 14, 15, 92, 65], [35, 89]]
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    eager = Generator(model, None, CPU).generate(prompts, params)
+    compiled = Generator(model, None, CPU, compile=True, max_seq_len=64).generate(prompts, params)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
