@@ -57,8 +57,8 @@ def test_cpu_paths_match_float64_dequant() -> None:
 
 @pytest.mark.parametrize("n,k,group", [(64, 576, 64), (96, 576, 128), (32, 128, 32)])
 def test_int4_module_cpu_decode_path(n: int, k: int, group: int) -> None:
-    """Int4Linear takes torch's CPU int4 GEMV at decode sizes (when K is whole groups):
-    it must agree with dequantise-then-matmul, the path longer inputs take."""
+    """Int4Linear takes torch's CPU int4 GEMV at decode sizes (a ragged K padded to whole
+    groups): it must agree with dequantise-then-matmul, the path longer inputs take."""
     from llmopt.quant.int4 import quantize_weight_rtn
 
     g = torch.Generator().manual_seed(k + group)
@@ -70,7 +70,7 @@ def test_int4_module_cpu_decode_path(n: int, k: int, group: int) -> None:
         expect = F.linear(x.double(), w_deq, m.bias.double())
         torch.testing.assert_close(m(x).double(), expect, rtol=1e-4, atol=1e-4)
     used = m.__dict__.get("_cpu_pack_cache")
-    assert (used is not None and used[2] is not None) == (k % group == 0)
+    assert used is not None and used[2] is not None
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ built empty on the meta device from shapes alone, which is how quantised checkpo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmopt.quant import kernels
@@ -111,21 +112,29 @@ class Int4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if kernels._cpu_small(x) and self.in_features % self.group_size == 0:
+        if kernels._cpu_small(x):
             packed = self._cpu_packed()
             if packed is not None:
+                k_pad = packed[1].shape[0] * self.group_size
+                if k_pad != self.in_features:
+                    # ragged last group: zero inputs meet the padded codes, so the sum is exact
+                    x = F.pad(x, (0, k_pad - self.in_features))
                 return kernels.int4_linear_cpu_packed(x, packed[0], packed[1], self.group_size, self.bias)
         return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """torch's CPU int4 layout, built on first use and kept outside the state dict (a second,
-        small copy of the codes: K*N/2 bytes). Rebuilt if the buffers are replaced."""
+        small copy of the codes: K*N/2 bytes). Rebuilt if the buffers are replaced. torch's kernel
+        takes whole groups only, so a ragged K (576 inputs with groups of 128) is padded with
+        zero codes to G * group_size; forward pads x with zeros to match."""
         cache = self.__dict__.get("_cpu_pack_cache")
         if cache is not None and cache[0] is self.qweight and cache[1] is self.scales:
             return cache[2]
         packed = None
         if hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and self.out_features % 16 == 0:
             codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t().to(torch.int32)  # [N, K]
+            k_pad = self.scales.shape[0] * self.group_size
+            codes = F.pad(codes, (0, k_pad - self.in_features))
             w = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
             # torch's convention is w = (q - 8) * scale + zero, with a float zero per group
             s = self.scales.float()
