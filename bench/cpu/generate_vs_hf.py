@@ -120,6 +120,7 @@ def main() -> None:
             speeds[name].append(run()[0])
     med = {name: round(statistics.median(v), 2) for name, v in speeds.items()}
     base = med["hf_fp32"]
+    before_eos = {name: _before_eos(ids, eos) for name, ids in texts.items()}
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "model": "smollm2-135m (SmolLM2-135M-Instruct, dequantised Q4_1, real weights)",
@@ -132,9 +133,9 @@ def main() -> None:
         "first_run_s": {name: round(v, 2) for name, v in compile_s.items()},
         # transformers' min_new_tokens masks EOS while llmopt's ignore_eos emits it and goes on,
         # so tokens are compared up to the first EOS
-        "greedy_tokens_before_eos_equal_hf_fp32": {name: _before_eos(texts[name], eos) == _before_eos(
-            texts["hf_fp32"], eos)[:len(_before_eos(texts[name], eos))] for name in texts},
-        "tokens_before_eos": {name: len(_before_eos(texts[name], eos)) for name in texts},
+        "greedy_tokens_before_eos_equal_hf_fp32": {
+            name: ids == before_eos["hf_fp32"][:len(ids)] for name, ids in before_eos.items()},
+        "tokens_before_eos": {name: len(ids) for name, ids in before_eos.items()},
         "all_runs": speeds,
         "first_use_conversion_s": round(conv_s, 2),
         "warm_load_s": round(load_s, 2),  # load_model in a fresh process, after imports

@@ -203,7 +203,7 @@ class NF4Linear(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         a = self.current_absmax()
-        return kernels.ref.dequant_nf4(self.qweight, a, self.block_size, self.in_features, a.dtype)
+        return kernels.ref.dequant_nf4(self.qweight, a, self.block_size, self.in_features, a.dtype, self.codebook)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", block_size={self.block_size}, double_quant={self.double_quant}"

@@ -3,8 +3,8 @@
 - CPU, more than ``SMALL_M`` rows, and nf4/fp8 at any size: the plain-PyTorch path in
   ``reference.py`` (dequantise, or scale after the matmul where that is exact).
 - CPU, at most ``SMALL_M`` rows: ``torch._weight_int8pack_mm`` for int8 and
-  ``torch._weight_int4pack_mm_for_cpu`` for int4 (when K is a whole number of groups), which
-  are faster there (timings next to each call).
+  ``torch._weight_int4pack_mm_for_cpu`` for int4 (``Int4Linear`` prepacks the codes, padding a
+  ragged K to whole groups), which are faster there (timings next to each call).
 - CUDA, at most ``SMALL_M`` rows (decode, batch 1..16): the fused Triton dequantise-and-matmul in
   ``triton_wo.py``; it reads the packed weight once, which is what makes decode bandwidth-bound
   on fewer bytes.
@@ -107,7 +107,7 @@ def nf4_linear(
 
         y = nf4_matmul(x, qweight, absmax, block_size, lut)
         return y if bias is None else y + bias
-    return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias)
+    return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias, lut)
 
 
 def fp8_linear(

@@ -54,20 +54,23 @@ def int4_linear_ref(
 
 
 def dequant_nf4(
-    qweight: torch.Tensor, absmax: torch.Tensor, block_size: int, k: int, dtype: torch.dtype
+    qweight: torch.Tensor, absmax: torch.Tensor, block_size: int, k: int, dtype: torch.dtype,
+    lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``lut``: the 16 NF4 levels on qweight's device, if the caller holds them (NF4Linear's
+    buffer); otherwise they are derived here."""
     codes = unpack_int4_kn(qweight, k).long()  # [K, N]
-    book = nf4_codebook().to(qweight.device)
+    book = nf4_codebook().to(qweight.device) if lut is None else lut
     g = torch.arange(k, device=codes.device) // block_size
     return (book[codes] * absmax.float()[g]).t().to(dtype)  # [N, K]
 
 
 def nf4_linear_ref(
     x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
     k = x.shape[-1]
-    return F.linear(x, dequant_nf4(qweight, absmax, block_size, k, x.dtype), bias)
+    return F.linear(x, dequant_nf4(qweight, absmax, block_size, k, x.dtype, lut), bias)
 
 
 def fp8_linear_ref(
