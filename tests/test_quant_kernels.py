@@ -142,3 +142,27 @@ def test_quantised_model_triton_path_matches_reference_path(monkeypatch: pytest.
             got = m(ids[:, :t]).float()
             tol = 0.15 if "scaled_mm" in spec else 3e-2
             torch.testing.assert_close(got, expect[t], rtol=tol, atol=tol * expect[t].abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 32), (256, 1536, 128), (11008, 4096, 64)])
+def test_int4_tinygemm_path_matches_float64_dequant(monkeypatch: pytest.MonkeyPatch, n: int, k: int, group: int) -> None:
+    """LLMOPT_WO_KERNEL=tinygemm: Int4Linear repacked into torch's CUDA int4 layout gives
+    dequantise-then-matmul's result at decode sizes, and is not used for longer inputs."""
+    from llmopt.quant import kernels
+    from llmopt.quant.int4 import quantize_weight_rtn
+
+    monkeypatch.setattr(kernels, "_TINYGEMM", True)
+    g = torch.Generator().manual_seed(n + k + group)
+    w = torch.randn(n, k, generator=g) * 0.02
+    m = quantize_weight_rtn(w, group, torch.randn(n, generator=g)).to(device="cuda", dtype=torch.bfloat16)
+    m.prepare_for_device()
+    assert m.tg_weight is not None and m.tg_scales_zeros is not None
+    assert m.weight_bytes() < n * k  # reads about K*N/2 bytes plus the scales, not the codes twice
+    w_deq = m.dequantize().double()
+    for rows in (1, 8, 40):
+        x = torch.randn(rows, k, generator=g).to("cuda", torch.bfloat16)
+        expect = F.linear(x.double(), w_deq, m.bias.double())
+        got = m(x).double()
+        err = ((got - expect).norm() / expect.norm()).item()
+        assert err < 1e-2, (rows, err)

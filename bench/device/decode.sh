@@ -7,21 +7,26 @@ export PYTHONUNBUFFERED=1
 export LLMOPT_CACHE=${LLMOPT_CACHE:-/tmp/llmopt-cache}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-B="python3 -m llmopt.cli.main bench"
-L7="--model preset:llama-2-7b --compile"
+B="${PY:-python3} -m llmopt.cli.main bench"
+L7=${L7:-"--model preset:llama-2-7b --compile"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-run() {  # name, args...
-    local name=$1; shift
-    echo "=== $name: llmopt bench $*"
-    timeout ${RUN_S:-420} $B "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -22 > /tmp/run.txt
-    { echo "=== $name: llmopt bench $*"; cat /tmp/run.txt; } >> "$OUT/log.txt"
-    tail -3 /tmp/run.txt
+run() {  # name, args...  (output streams into log.txt, so a run cut short still leaves its log)
+    local name=$1 t0=$SECONDS; shift
+    local limit=${RUN_S:-420}
+    if [ -n "${DEADLINE_S:-}" ] && [ $((DEADLINE_S - (SECONDS - T0))) -lt "$limit" ]; then
+        limit=$((DEADLINE_S - (SECONDS - T0)))
+    fi
+    echo "=== $name: llmopt bench $* (limit ${limit} s)" | tee -a "$OUT/log.txt"
+    timeout "$limit" $B "$@" --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
+    echo "    rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
+    EST=$((SECONDS - t0 + 15))
 }
 T0=$SECONDS
+EST=${RUN_S:-420}  # how long the next run is expected to take: the last run's time, at first RUN_S
 for r in "$@"; do
-    # DEADLINE_S: skip runs that would not finish inside the device call (each needs ~RUN_S)
-    if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + ${RUN_S:-420})) -gt "$DEADLINE_S" ]; then
+    # DEADLINE_S: skip runs that would not finish inside the device call
+    if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + EST)) -gt "$DEADLINE_S" ]; then
         echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue
     fi
     case $r in
@@ -39,8 +44,13 @@ for r in "$@"; do
         l2-7b_int8_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32) run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128) run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128_b8) run $r $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int4g32_b8) run $r $L7 --quant int4-g32 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_nf4) run $r $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_fp8) run $r $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k tinygemm -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;
         l3-8b_b1) run $r --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;

@@ -88,6 +88,8 @@ class BenchResult:
 def weight_bytes_read_per_token(model: nn.Module) -> int:
     """Bytes of parameters and buffers a decode step reads: everything but the embedding table
     (one row of it is read), counting a tied head once (it is read as the head)."""
+    from llmopt.quant.linear import QuantLinear
+
     seen: set[int] = set()
     total = 0
     embed = model.model.embed_tokens
@@ -96,6 +98,11 @@ def weight_bytes_read_per_token(model: nn.Module) -> int:
         if mod is embed and not tied:
             continue
         tensors = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        if isinstance(mod, QuantLinear):
+            # it knows which of its buffers decode reads (a device repack replaces the codes)
+            seen.update(id(t) for _, t in tensors if t is not None)
+            total += mod.weight_bytes() + (0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size())
+            continue
         for name, t in tensors:
             if t is None or "cache" in name or name.startswith("rope_") or id(t) in seen:
                 continue

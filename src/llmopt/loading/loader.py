@@ -92,6 +92,10 @@ def load_model(
         )
         tensors = iter_gguf_tensors(reader, config)
     model = model_from_tensors(config, tensors, dev, dt, transform)
+    if transform is not None:  # a quantised checkpoint: its modules repack for this device
+        from llmopt.quant.api import prepare_for_device
+
+        prepare_for_device(model)
     if quant and transform is None:
         from llmopt.quant.api import quantize_loaded
 

@@ -147,7 +147,19 @@ def quantize_(
         raise UserError(f"{config.method} needs calibration data (token ids)")
     with torch.no_grad():
         scheme.quantize_model(model, config, calibration, progress)
+    prepare_for_device(model)
     return model
+
+
+def prepare_for_device(model: nn.Module) -> None:
+    """Let each quantised module repack for the device it is on (a load-time transform, so the
+    compiled forward never packs). Call again after moving the model to another device."""
+    from llmopt.quant.linear import QuantLinear
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                mod.prepare_for_device()
 
 
 # -- helpers shared by the schemes ---------------------------------------------------------------

@@ -39,6 +39,9 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def prepare_for_device(self) -> None:
+        """Load-time repack for the device the module now lives on (default: nothing to do)."""
+
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
@@ -93,6 +96,10 @@ class Int4Linear(QuantLinear):
             self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
         else:
             self.register_buffer("perm", None)
+        # torch's CUDA int4 layout (LLMOPT_WO_KERNEL=tinygemm), built by prepare_for_device;
+        # derived from the buffers above, so kept out of the state dict
+        self.register_buffer("tg_weight", None, persistent=False)
+        self.register_buffer("tg_scales_zeros", None, persistent=False)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -112,6 +119,8 @@ class Int4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.tg_weight is not None and kernels.use_tinygemm_for(x):
+            return kernels.int4_linear_tinygemm(x, self.tg_weight, self.tg_scales_zeros, self.group_size, self.bias)
         if kernels._cpu_small(x):
             packed = self._cpu_packed()
             if packed is not None:
@@ -121,6 +130,27 @@ class Int4Linear(QuantLinear):
                     x = F.pad(x, (0, k_pad - self.in_features))
                 return kernels.int4_linear_cpu_packed(x, packed[0], packed[1], self.group_size, self.bias)
         return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def prepare_for_device(self) -> None:
+        """With ``LLMOPT_WO_KERNEL=tinygemm`` on CUDA, repack into torch's int4 layout: uint8
+        [N, K/2] (even k in the high nibble) through ``torch._convert_weight_to_int4pack``, and
+        scale/zero pairs [G, N, 2] in bf16 for its convention w = (q - 8) * scale + zero. The
+        packed copy is used for decode-sized inputs; prefill keeps the dequantise-and-cuBLAS path."""
+        self.tg_weight = self.tg_scales_zeros = None
+        if not (kernels._TINYGEMM and self.qweight.is_cuda and self.perm is None
+                and kernels.tinygemm_fits(self.in_features, self.out_features, self.group_size)):
+            return
+        codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t().to(torch.int32)  # [N, K]
+        u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()  # [N, K/2]
+        self.tg_weight = torch._convert_weight_to_int4pack(u8, kernels.TINYGEMM_INNER_K_TILES)
+        s = self.scales.float()
+        self.tg_scales_zeros = torch.stack([s, (8 - self.zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads: the tinygemm copy when there is one, else the packed codes."""
+        if self.tg_weight is None:
+            return super().weight_bytes()
+        return sum(b.numel() * b.element_size() for b in (self.tg_weight, self.tg_scales_zeros))
 
     def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """torch's CPU int4 layout, built on first use and kept outside the state dict (a second,

@@ -28,19 +28,37 @@ from llmopt.quant.kernels import reference as ref
 SMALL_M = 16
 
 
-def _gpu_kernel_choice() -> str:
-    """``LLMOPT_WO_KERNEL=torch`` sends CUDA decode to the plain-PyTorch path, which torch.compile
-    fuses (dequantise inside inductor's GEMV); the default ``triton`` uses ``triton_wo.py``. Both
-    are kept so the benchmark can choose between them by measurement."""
+KERNEL_CHOICES = ("triton", "torch", "tinygemm")
+
+
+def gpu_kernel_choice() -> str:
+    """``LLMOPT_WO_KERNEL`` picks the CUDA decode path, so the benchmark can choose by measurement:
+    ``triton`` (default) uses ``triton_wo.py``; ``torch`` the plain-PyTorch path, which
+    torch.compile fuses (dequantise inside inductor's GEMV); ``tinygemm`` sends int4 to torch's
+    CUDA int4 GEMM (``torch._weight_int4pack_mm``, the kernel gpt-fast uses; weights repacked at
+    load by ``Int4Linear.prepare_for_device``) and the other formats to Triton."""
     choice = os.environ.get("LLMOPT_WO_KERNEL", "triton")
-    if choice not in ("triton", "torch"):
-        raise ValueError(f"LLMOPT_WO_KERNEL must be 'triton' or 'torch', got {choice!r}")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
     return choice
 
 
 # Decided once at import: forward() runs under torch.compile, which cannot trace
 # importlib or os.environ lookups (dynamo refuses find_spec as a skipped function).
-_TRITON_OK = importlib.util.find_spec("triton") is not None and _gpu_kernel_choice() == "triton"
+_TRITON_OK = importlib.util.find_spec("triton") is not None and gpu_kernel_choice() in ("triton", "tinygemm")
+_TINYGEMM = gpu_kernel_choice() == "tinygemm" and hasattr(torch, "_weight_int4pack_mm")
+TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
+
+
+def tinygemm_fits(in_features: int, out_features: int, group_size: int) -> bool:
+    """Shapes torch's CUDA int4 kernel takes: whole groups of 32-256, K a multiple of 128, N of 8."""
+    return (group_size in (32, 64, 128, 256) and in_features % group_size == 0
+            and in_features % (16 * TINYGEMM_INNER_K_TILES) == 0 and out_features % 8 == 0)
+
+
+def use_tinygemm_for(x: torch.Tensor) -> bool:
+    return (_TINYGEMM and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and x.numel() // x.shape[-1] <= SMALL_M)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -81,6 +99,17 @@ def int4_linear_cpu_packed(
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros.to(x.dtype))
     y = y.reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def int4_linear_tinygemm(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CUDA decode through ``torch._weight_int4pack_mm`` (bf16 activations; ``packed`` and
+    ``scales_zeros`` [G, N, 2] from ``Int4Linear.prepare_for_device``)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch._weight_int4pack_mm(x2, packed, group_size, scales_zeros).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
