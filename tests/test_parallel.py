@@ -133,6 +133,7 @@ def _worker(rank: int, port: int, out_dir: str, ckpt: str) -> None:
     if _quant_available():
         compare("int8", _build(preset_config("tiny")), "int8")
         compare("int4-g32", _build(preset_config("tiny")), "int4-g32")
+        compare("int8-g32", _build(preset_config("tiny")), "int8-g32")
 
     # Sharded loading from a saved checkpoint: logits and bytes read.
     full = load_model(ckpt, device="cpu", dtype="float32")
@@ -184,7 +185,7 @@ def test_tp2_logits_equal_tp1(tp_results: list[dict[str, Any]], variant: str) ->
         assert r["kv_heads"] == expected_kv
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-g32", "int4-g32"])
 def test_tp2_quantised_logits_equal_tp1(tp_results: list[dict[str, Any]], scheme: str) -> None:
     if not _quant_available():
         pytest.skip("llmopt.quant is not importable")
@@ -377,11 +378,11 @@ def test_cli_generate_tp2_matches_tp1(tmp_path: Path) -> None:
     one = _llmopt(*common)
     two = _llmopt(*common, "--tp", "2")
     assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
+    assert two.returncode == 0, (two.returncode, two.stdout[-500:], two.stderr[-2000:])
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert len(a["token_ids"]) == 8
-    assert a["token_ids"] == b["token_ids"]
-    assert len(two.stdout.strip().splitlines()) == 1  # only rank 0 printed
+    assert a["token_ids"] == b["token_ids"], (a, b)
+    assert len(two.stdout.strip().splitlines()) == 1, two.stdout  # only rank 0 printed
 
 
 def test_launcher_stops_all_ranks_when_one_dies() -> None:

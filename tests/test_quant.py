@@ -105,7 +105,7 @@ def test_fp8_matches_torch_e4m3_rounding() -> None:
 
 # -- schemes on a tiny model -----------------------------------------------------------------------
 @pytest.mark.parametrize("spec,cls,tol", [
-    ("int8", Int8Linear, 0.02), ("int4-g32", Int4Linear, 0.25), ("nf4", NF4Linear, 0.25),
+    ("int8", Int8Linear, 0.02), ("int8-g32", Int8Linear, 0.02), ("int4-g32", Int4Linear, 0.25), ("nf4", NF4Linear, 0.25),
     ("nf4:double_quant=true", NF4Linear, 0.25), ("fp8", FP8Linear, 0.08),
 ])
 def test_rtn_schemes_swap_and_stay_close(spec: str, cls: type, tol: float) -> None:
@@ -181,7 +181,7 @@ def test_calibrated_methods_run_layer_by_layer(spec: str) -> None:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", ["int8", "int4-g32", "nf4:double_quant=true", "fp8", "gptq-g32",
+@pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4-g32", "nf4:double_quant=true", "fp8", "gptq-g32",
                                   "gptq:group_size=32,act_order=true", "gptq-w3-g32", "awq-g32"])
 def test_checkpoint_round_trip(spec: str, tmp_path: Path) -> None:
     from llmopt.quant.api import parse_quant_spec
@@ -332,7 +332,7 @@ def test_checkpoint_with_missing_tensor_is_one_line_exit_2(tiny_dir: Path, tmp_p
         assert rc == 2 and err.count("\n") == 1 and drop in err, err
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4-g32", "nf4"])
+@pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4-g32", "nf4"])
 def test_quantised_model_compiles_and_decodes_like_eager(spec: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The quantised modules trace with fullgraph torch.compile (the --compile path) and the

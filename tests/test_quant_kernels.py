@@ -21,8 +21,12 @@ def _formats(w: torch.Tensor, group: int) -> dict[str, tuple]:
     codes = P.quantize_groupwise(w, p, 4, group)
     nf = P.quantize_nf4(w, min(group, 64))
     f8 = P.quantize_fp8_per_channel(w)
+    p8 = P.group_minmax_params(w, 8, group)
+    codes8 = P.quantize_groupwise(w, p8, 8, group)
     return {
         "int8": (q8.qweight, q8.scales),
+        "int8g": ((codes8.to(torch.int16) - 128).to(torch.int8), p8.scales.t().contiguous(),
+                  (p8.zeros - 128).t().contiguous(), group),
         "int4": (P.pack_bits(codes.t().contiguous(), 4), p.scales.t().contiguous(), p.zeros.t().contiguous(), group),
         "nf4": (P.pack_bits(nf.codes.t().contiguous(), 4), nf.absmax.t().contiguous(), min(group, 64)),
         "fp8": (f8.qweight, f8.scales),
@@ -32,6 +36,8 @@ def _formats(w: torch.Tensor, group: int) -> dict[str, tuple]:
 def _dequant(fmt: str, args: tuple, k: int) -> torch.Tensor:
     if fmt == "int8":
         return ref.dequant_int8(args[0], args[1], torch.float64)
+    if fmt == "int8g":
+        return ref.dequant_int8g(args[0], args[1], args[2], args[3], torch.float64)
     if fmt == "fp8":
         return args[0].double() * args[1].double()[:, None]
     if fmt == "int4":
@@ -47,8 +53,8 @@ def test_cpu_paths_match_float64_dequant() -> None:
     w = torch.randn(n, k, generator=g)
     x = torch.randn(3, 5, k, generator=g)
     bias = torch.randn(n, generator=g)
-    fns = {"int8": kernels.int8_linear, "int4": kernels.int4_linear, "nf4": kernels.nf4_linear,
-           "fp8": kernels.fp8_linear}
+    fns = {"int8": kernels.int8_linear, "int8g": kernels.int8g_linear, "int4": kernels.int4_linear,
+           "nf4": kernels.nf4_linear, "fp8": kernels.fp8_linear}
     for fmt, args in _formats(w, group).items():
         y = fns[fmt](x, *args, bias=bias)
         expect = F.linear(x.double(), _dequant(fmt, args, k), bias.double())
@@ -74,7 +80,7 @@ def test_int4_module_cpu_decode_path(n: int, k: int, group: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
@@ -84,8 +90,8 @@ def test_triton_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], 
     g = torch.Generator(device="cuda").manual_seed(n + k + group)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
     args = _formats(w, group)[fmt]
-    fn = {"int8": triton_wo.int8_matmul, "int4": triton_wo.int4_matmul, "nf4": triton_wo.nf4_matmul,
-          "fp8": triton_wo.fp8_matmul}[fmt]
+    fn = {"int8": triton_wo.int8_matmul, "int8g": triton_wo.int8g_matmul, "int4": triton_wo.int4_matmul,
+          "nf4": triton_wo.nf4_matmul, "fp8": triton_wo.fp8_matmul}[fmt]
     dev_args = tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
                      else a for a in args)
     w_ref = _dequant(fmt, dev_args, k).float()
@@ -126,7 +132,7 @@ def test_quantised_model_triton_path_matches_reference_path(monkeypatch: pytest.
 
     cfg = preset_config("tiny")
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
-    for spec in ("int8", "int4-g32", "nf4", "fp8", "fp8:mode=scaled_mm"):
+    for spec in ("int8", "int8-g32", "int4-g32", "nf4", "fp8", "fp8:mode=scaled_mm"):
         m = random_model(cfg, torch.device("cuda"), torch.bfloat16, seed=3)
         quantize_(m, spec)
         with monkeypatch.context() as mp:

@@ -41,6 +41,7 @@ for r in "$@"; do
         l2-7b_b8) run $r $L7 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_b32) run $r $L7 --batch-size 32 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_int8) run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int8g32) run $r $L7 --quant int8-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int8_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32) run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128) run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;

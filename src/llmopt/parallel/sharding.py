@@ -160,8 +160,16 @@ def _register_quant_layouts() -> None:
             "bias": TensorLayout(0, None),
         }
 
+    def int8(m: nn.Module) -> dict[str, TensorLayout]:
+        # per channel, or group-wise: qweight [N, K] unpacked; scales/zeros [K/group, N]
+        if not getattr(m, "group_size", 0):
+            return per_channel(m)
+        grouped = TensorLayout(1, 0, 1, int(m.group_size))
+        return {"qweight": TensorLayout(0, 1), "scales": grouped, "zeros": grouped,
+                "bias": TensorLayout(0, None)}
+
     for name, fn in (
-        ("Int8Linear", per_channel),
+        ("Int8Linear", int8),
         ("FP8Linear", per_channel),
         ("Int4Linear", packed_groups),
         ("NF4Linear", packed_groups),
@@ -508,4 +516,15 @@ def shard_model(model: nn.Module, comm: TPComm, device: torch.device | None = No
         local[name] = t
     apply_transforms(model, plan, comm)
     assign_tensors(model, local)
+    prepare_for_device(model)
     return plan
+
+
+def prepare_for_device(model: nn.Module) -> None:
+    """Rebuild device repacks (non-persistent tensors derived from the ones just split, e.g.
+    Int4Linear's tinygemm copy) from this rank's shard: modules that have them define
+    ``prepare_for_device()``."""
+    for m in model.modules():
+        prepare = getattr(m, "prepare_for_device", None)
+        if callable(prepare):
+            prepare()

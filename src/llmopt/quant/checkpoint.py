@@ -99,7 +99,7 @@ def empty_module(lin: nn.Linear, config: QuantConfig) -> nn.Module:
     c: Any = config
     args = (lin.in_features, lin.out_features, lin.bias is not None)
     if config.method == "int8":
-        return Int8Linear(*args)
+        return Int8Linear(*args, group_size=c.group_size)
     if config.method in ("int4", "awq"):
         return Int4Linear(*args, group_size=c.group_size)
     if config.method == "gptq":

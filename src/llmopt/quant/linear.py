@@ -55,19 +55,41 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """Symmetric int8 per output channel: W = qweight * scales[:, None]."""
+    """int8 codes ``qweight`` [N, K], in one of two forms:
+
+    - ``group_size == 0``: symmetric per output channel, W = qweight * scales[:, None], scales [N];
+    - ``group_size > 0``: asymmetric per group of inputs, W[n, k] = (qweight[n, k] - zeros[g, n]) *
+      scales[g, n] with g = k // group_size; scales/zeros [G, N] in the compute dtype (zeros hold
+      integers). Costs 2 x 16 bits per group more, and re-rounds a weight far less.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 *, group_size: int = 0) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
+        self.group_size = group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        if group_size:
+            g = num_groups(in_features, group_size)
+            self.register_buffer("scales", torch.ones(g, out_features, dtype=dtype, device=device))
+            self.register_buffer("zeros", torch.zeros(g, out_features, dtype=dtype, device=device))
+        else:
+            self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+            self.register_buffer("zeros", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size:
+            return kernels.int8g_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         return kernels.int8_linear(x, self.qweight, self.scales, self.bias)
 
     def dequantize(self) -> torch.Tensor:
+        if self.group_size:
+            return kernels.ref.dequant_int8g(self.qweight, self.scales, self.zeros, self.group_size,
+                                             self.scales.dtype)
         return kernels.ref.dequant_int8(self.qweight, self.scales, self.scales.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group_size={self.group_size}" if self.group_size else "")
 
 
 class Int4Linear(QuantLinear):

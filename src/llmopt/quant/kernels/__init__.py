@@ -89,6 +89,20 @@ def int8_linear(
     return ref.int8_linear_ref(x, qweight, scales, bias)
 
 
+def int8g_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Group-wise asymmetric int8 (``int8-gN``): Triton on CUDA at decode sizes, else dequantise
+    and matmul (on CPU, torch.compile fuses the dequantise into its GEMV)."""
+    if _use_triton(x):
+        from llmopt.quant.kernels.triton_wo import int8g_matmul
+
+        y = int8g_matmul(x, qweight, scales, zeros, group_size)
+        return y if bias is None else y + bias
+    return ref.int8g_linear_ref(x, qweight, scales, zeros, group_size, bias)
+
+
 def int4_linear_cpu_packed(
     x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
     bias: torch.Tensor | None = None,

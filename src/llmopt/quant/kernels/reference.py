@@ -34,6 +34,26 @@ def int8_linear_ref(
     return y if bias is None else y + bias
 
 
+def dequant_int8g(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Group-wise asymmetric int8: qweight [N, K], scales/zeros [G, N] -> weight [N, K]."""
+    n, k = qweight.shape
+    if k % group_size == 0:  # whole groups: broadcast over a [N, G, group] view, no gather
+        q = qweight.view(n, k // group_size, group_size).to(dtype)
+        w = (q - zeros.t().to(dtype)[:, :, None]) * scales.t().to(dtype)[:, :, None]
+        return w.view(n, k)
+    g = torch.arange(k, device=qweight.device) // group_size  # [K]
+    w = (qweight.to(torch.float32) - zeros.float()[g].t()) * scales.float()[g].t()  # [N, K]
+    return w.to(dtype)
+
+
+def int8g_linear_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return F.linear(x, dequant_int8g(qweight, scales, zeros, group_size, x.dtype), bias)
+
+
 def dequant_int4(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, k: int,
     dtype: torch.dtype,

@@ -5,6 +5,7 @@ One kernel, specialised at compile time by ``FMT``:
   1 int4  : codes [K/8, N] int32 packed along K, asymmetric: w = (q - zero[g, n]) * scale[g, n]
   2 nf4   : codes [K/8, N] int32, w = NF4[q] * absmax[g, n]
   3 fp8   : w [N, K] float8_e4m3fn, per-channel scale applied after the dot
+  4 int8g : w [N, K] int8, asymmetric per group along K: w = (q - zero[g, n]) * scale[g, n]
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output over one of SPLIT_K contiguous
 slices of K; with SPLIT_K > 1 the partial sums are added atomically into a float32 output.
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from llmopt.quant.primitives import nf4_codebook
 
-FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8 = 0, 1, 2, 3
+FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
 
 
@@ -74,24 +75,28 @@ def _wo_matmul_kernel(
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=wmask, other=0.0)
             acc += tl.dot(x, w.to(x.dtype))
         else:
-            # 8 consecutive k share one int32 word; the repeated loads hit L1.
-            q = tl.load(w_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
-            q = (q >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BK, BN] codes
+            if FMT == 4:
+                q = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=wmask, other=0)  # [BK, BN] int8
+            else:
+                # 8 consecutive k share one int32 word; the repeated loads hit L1.
+                q = tl.load(w_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
+                q = (q >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BK, BN] codes
             if BLOCK_K <= GROUP:
                 g = k0 // GROUP
                 # a split's last tiles may lie past K: their group row does not exist
                 mask_g = mask_n & ((offs_n * 0 + k0) < K)
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)  # [BN]
-                if FMT == 1:
+                if FMT == 1 or FMT == 4:
                     z = tl.load(z_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)
-                    w = q.to(tl.float32) - z[None, :]  # integers in [-15, 15]: exact in bf16
+                    # integers in [-15, 15] (int4) or [-255, 255] (int8g): exact in bf16
+                    w = q.to(tl.float32) - z[None, :]
                 else:
                     w = tl.load(lut_ptr + q)
                 acc += tl.dot(x, w.to(x.dtype)) * s[None, :]
             else:
                 g2 = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
                 s = tl.load(s_ptr + g2, mask=wmask, other=0.0).to(tl.float32)  # [BK, BN]
-                if FMT == 1:
+                if FMT == 1 or FMT == 4:
                     z = tl.load(z_ptr + g2, mask=wmask, other=0.0).to(tl.float32)
                     w = (q.to(tl.float32) - z) * s
                 else:
@@ -146,6 +151,12 @@ def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, blo
                lut: torch.Tensor | None = None) -> torch.Tensor:
     lut = _nf4_lut(x.device) if lut is None else lut
     return _launch(x, qweight, absmax, absmax, lut, qweight.shape[1], FMT_NF4, block_size)
+
+
+def int8g_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """x [..., K] @ W.T with W = (qweight [N, K] int8 - zeros[g]) * scales[g], scales/zeros [G, N]."""
+    return _launch(x, qweight, scales, zeros, scales, qweight.shape[0], FMT_INT8G, group_size)
 
 
 def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
