@@ -1,0 +1,87 @@
+"""Plot decode tokens/s against the memory-bandwidth roofline from committed `llmopt bench` JSONs.
+
+    python bench/plot_decode.py [--out docs/decode_roofline.png] [JSON ...]
+        (default: every bench/results/decode/*.json)
+
+Each bar pair is one run: the roofline (bytes read per step / the copy bandwidth measured in the
+same run) and the measured decode tokens/s, labelled with the fraction. Needs matplotlib
+(`pip install -e .[plot]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _label(r: dict) -> str:
+    model = str(r.get("model", "?")).removeprefix("preset:")
+    quant = r.get("quant") or "bf16"
+    env = r.get("env") or {}
+    kernel = env.get("LLMOPT_WO_KERNEL")
+    if kernel and quant != "bf16":
+        quant = f"{quant} ({kernel})"
+    gpu = str(r.get("device", "")).replace("NVIDIA ", "")
+    batch = (r.get("config") or {}).get("batch_size", 1)
+    return f"{model} {quant}, b{batch}, {gpu}"
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    runs = []
+    for p in paths:
+        r = json.loads(p.read_text())
+        if not r.get("roofline_tokens_per_s") or not r.get("decode_tokens_per_s"):
+            continue  # CPU runs and runs without a copy-bandwidth measurement
+        runs.append(r)
+    return sorted(runs, key=lambda r: r["decode_tokens_per_s"])
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_label(r) for r in runs]
+    roof = [r["roofline_tokens_per_s"] for r in runs]
+    got = [r["decode_tokens_per_s"] for r in runs]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(runs) + 2.0))
+    y = range(len(runs))
+    ax.barh(y, roof, color="#d9d9d9", label="roofline (bytes per step / measured copy bandwidth)")
+    ax.barh(y, got, height=0.5, color="#1f77b4", label="measured decode tokens/s")
+    for i, (g, rf) in enumerate(zip(got, roof)):
+        ax.text(g, i, f" {g:.0f} ({100 * g / rf:.0f}%)", va="center", fontsize=8)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.set_xlabel("decode tokens/s per sequence (random-weight presets; each run's JSON gives its shape)")
+    ax.set_title("llmopt decode against the memory-bandwidth roofline")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="*", type=Path)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "decode_roofline.png")
+    args = p.parse_args()
+    paths = args.json or sorted((ROOT / "bench" / "results" / "decode").glob("*.json"))
+    runs = load_runs(paths)
+    if not runs:
+        print("plot_decode: no GPU decode JSON with a roofline among the inputs", file=sys.stderr)
+        return 2
+    try:
+        plot(runs, args.out)
+    except ImportError:
+        print("plot_decode: matplotlib is not installed (pip install -e .[plot])", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({len(runs)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
