@@ -172,3 +172,59 @@ def test_int4_tinygemm_path_matches_float64_dequant(monkeypatch: pytest.MonkeyPa
         got = m(x).double()
         err = ((got - expect).norm() / expect.norm()).item()
         assert err < 1e-2, (rows, err)
+
+
+_INTERPRET_SCRIPT = r'''
+import sys, torch, triton
+from llmopt.quant.kernels import triton_wo as T
+sys.path.insert(0, sys.argv[1])
+from test_quant_kernels import _dequant, _formats
+
+torch.manual_seed(0)
+kern = T._wo_matmul_kernel.fn  # under the interpreter the autotuner cannot benchmark: every config by hand
+FMTS = {"int8": T.FMT_INT8, "int8g": T.FMT_INT8G, "int4": T.FMT_INT4, "nf4": T.FMT_NF4}
+worst = {}
+for n, k, group in [(64, 256, 32), (96, 576, 128)]:
+    w = torch.randn(n, k) * 0.05
+    formats = _formats(w, group)
+    for fmt, code in FMTS.items():
+        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in formats[fmt])
+        w_ref = _dequant(fmt, args, k)
+        wt, s = args[0], args[1]
+        z = args[2] if fmt in ("int4", "int8g") else s
+        grp = args[-1] if fmt in ("int4", "int8g", "nf4") else 1 << 30
+        lut = T.nf4_codebook().half() if fmt == "nf4" else s
+        n_out = wt.shape[0] if fmt in ("int8", "int8g") else wt.shape[1]
+        for m in (1, 3):
+            x = torch.randn(m, k, dtype=torch.float16)
+            expect = x.double() @ w_ref.t()
+            for cfg in T._configs():
+                kw = cfg.kwargs
+                out = torch.zeros((m, n_out), dtype=torch.float32)
+                grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"], triton.cdiv(m, T.BLOCK_M))
+                kern[grid](x, wt, s, z, lut, out, m, n_out, k, x.stride(0), out.stride(0), FMT=code,
+                           GROUP=grp, BLOCK_M=T.BLOCK_M, **kw)
+                err = ((out.double() - expect).norm() / expect.norm()).item()
+                worst[fmt] = max(worst.get(fmt, 0.0), err)
+print(worst)
+assert all(e < 2e-3 for e in worst.values()), worst
+'''
+
+
+def test_triton_kernel_every_config_under_the_interpreter(tmp_path) -> None:
+    """The Triton kernel's arithmetic on CPU through TRITON_INTERPRET=1 (every autotune config,
+    batch 1 and 3, a ragged K), for machines with triton but no GPU; skipped without triton."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = tmp_path / "interp.py"
+    script.write_text(_INTERPRET_SCRIPT)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
+                       text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
