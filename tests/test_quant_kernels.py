@@ -105,6 +105,24 @@ def test_triton_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4_gemv_kernel_matches_reference(shape: tuple[int, int, int]) -> None:
+    """The one-row int4 kernel (LLMOPT_WO_KERNEL=triton-gemv) against float64 dequantise-matmul."""
+    from llmopt.quant.kernels import triton_wo
+
+    n, k, group = shape
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    q, s, z, grp = _formats(w, group)["int4"]
+    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+    y = triton_wo.int4_gemv(x, q, s, z, grp)
+    expect = x.double() @ _dequant("int4", (q, s, z, grp), k).t()
+    assert y.shape == (1, n) and y.dtype == torch.bfloat16
+    assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
 def test_fp8_scaled_mm_close_to_dequant() -> None:
     from llmopt.quant.kernels.fp8_scaled_mm import fp8_scaled_mm
 
@@ -206,6 +224,17 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
                            GROUP=grp, BLOCK_M=T.BLOCK_M, **kw)
                 err = ((out.double() - expect).norm() / expect.norm()).item()
                 worst[fmt] = max(worst.get(fmt, 0.0), err)
+    # the one-row int4 kernel (LLMOPT_WO_KERNEL=triton-gemv)
+    wt, s4, z4, grp = (a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in formats["int4"])
+    x = torch.randn(k, dtype=torch.float16)
+    expect = x.double() @ _dequant("int4", (wt, s4, z4, grp), k).t()
+    for cfg in T._gemv_configs():
+        kw = cfg.kwargs
+        out = torch.zeros((n,), dtype=torch.float32)
+        grid = (triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
+        T._int4_gemv_kernel.fn[grid](x, wt, s4, z4, out, n, k, GROUP=grp, BLOCK_K=T.gemv_block_k(grp), **kw)
+        err = ((out.double() - expect).norm() / expect.norm()).item()
+        worst["int4-gemv"] = max(worst.get("int4-gemv", 0.0), err)
 print(worst)
 assert all(e < 2e-3 for e in worst.values()), worst
 '''

@@ -51,7 +51,9 @@ for r in "$@"; do
         l2-7b_fp8) run $r $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k tinygemm -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
+        l2-7b_int4g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128_gemv) LLMOPT_WO_KERNEL=triton-gemv run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "tinygemm or gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;
         l3-8b_b1) run $r --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;

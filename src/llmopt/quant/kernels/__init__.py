@@ -28,7 +28,7 @@ from llmopt.quant.kernels import reference as ref
 SMALL_M = 16
 
 
-KERNEL_CHOICES = ("triton", "torch", "tinygemm")
+KERNEL_CHOICES = ("triton", "torch", "tinygemm", "triton-gemv")
 
 
 def gpu_kernel_choice() -> str:
@@ -36,7 +36,9 @@ def gpu_kernel_choice() -> str:
     ``triton`` (default) uses ``triton_wo.py``; ``torch`` the plain-PyTorch path, which
     torch.compile fuses (dequantise inside inductor's GEMV); ``tinygemm`` sends int4 to torch's
     CUDA int4 GEMM (``torch._weight_int4pack_mm``, the kernel gpt-fast uses; weights repacked at
-    load by ``Int4Linear.prepare_for_device``) and the other formats to Triton."""
+    load by ``Int4Linear.prepare_for_device``) and the other formats to Triton; ``triton-gemv``
+    sends int4 at one row to ``triton_wo.int4_gemv`` (no padded tl.dot rows, each packed word
+    loaded once) and everything else to ``triton``."""
     choice = os.environ.get("LLMOPT_WO_KERNEL", "triton")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
@@ -45,7 +47,9 @@ def gpu_kernel_choice() -> str:
 
 # Decided once at import: forward() runs under torch.compile, which cannot trace
 # importlib or os.environ lookups (dynamo refuses find_spec as a skipped function).
-_TRITON_OK = importlib.util.find_spec("triton") is not None and gpu_kernel_choice() in ("triton", "tinygemm")
+_TRITON_OK = (importlib.util.find_spec("triton") is not None
+              and gpu_kernel_choice() in ("triton", "tinygemm", "triton-gemv"))
+_GEMV = gpu_kernel_choice() == "triton-gemv"
 _TINYGEMM = gpu_kernel_choice() == "tinygemm" and hasattr(torch, "_weight_int4pack_mm")
 TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
 
@@ -132,9 +136,12 @@ def int4_linear(
     group_size: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if _use_triton(x):
-        from llmopt.quant.kernels.triton_wo import int4_matmul
+        from llmopt.quant.kernels.triton_wo import int4_gemv, int4_matmul
 
-        y = int4_matmul(x, qweight, scales, zeros, group_size)
+        if _GEMV and x.numel() == x.shape[-1]:
+            y = int4_gemv(x, qweight, scales, zeros, group_size)
+        else:
+            y = int4_matmul(x, qweight, scales, zeros, group_size)
         return y if bias is None else y + bias
     return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
 

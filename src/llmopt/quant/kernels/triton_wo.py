@@ -113,6 +113,74 @@ def _wo_matmul_kernel(
         tl.atomic_add(out_ptrs, acc, mask=omask)
 
 
+def _gemv_configs() -> list[triton.Config]:
+    # (BLOCK_N, SPLIT_K, num_warps); BLOCK_K is min(group, 128), fixed by the launcher
+    table = [(64, 1, 4), (64, 4, 4), (128, 2, 4), (128, 4, 8), (32, 8, 2), (256, 2, 8)]
+    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w) for bn, sk, w in table]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "GROUP"], reset_to_zero=["out_ptr"])
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One row of x (decode at batch 1) against int4 codes [K/8, N]: no tl.dot, no padded rows.
+
+    Each packed int32 word is loaded once and split into its 8 codes by broadcasting shifts
+    ([BK/8, 8, BN]); x is viewed as [BK/8, 8] in the same order. A tile lies inside one group
+    (BLOCK_K <= GROUP), so the zero point comes out of the sum:
+    sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for kk in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # [BK]
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # packed words along K
+        q = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows[:, None] < K // 8) & mask_n[None, :], other=0)  # [BK/8, BN]
+        codes = (q[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN]
+        x3 = tl.reshape(x, (BLOCK_K // 8, 8))
+        dot = tl.sum(tl.sum(codes.to(tl.float32) * x3[:, :, None], axis=1), axis=0)  # [BN]
+        in_k = mask_n & ((offs_n * 0 + k0) < K)  # a split's last tiles may lie past K
+        g = k0 // GROUP
+        sc = tl.load(s_ptr + g * N + offs_n, mask=in_k, other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + g * N + offs_n, mask=in_k, other=0.0).to(tl.float32)
+        acc += sc * (dot - zp * tl.sum(x, axis=0))
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, acc, mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n)
+
+
+def gemv_block_k(group_size: int) -> int:
+    return min(group_size, 128)
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """x [..., K] holding one row @ W.T, W from codes [K/8, N] and scales/zeros [G, N]."""
+    k = x.shape[-1]
+    n = qweight.shape[1]
+    x1 = x.reshape(k).contiguous()
+    out = torch.zeros((n,), device=x.device, dtype=torch.float32)
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    _int4_gemv_kernel[grid](x1, qweight, scales, zeros, out, n, k, GROUP=group_size,
+                            BLOCK_K=gemv_block_k(group_size))
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 @functools.cache
 def _nf4_lut(device: torch.device) -> torch.Tensor:
     return nf4_codebook().to(device)
