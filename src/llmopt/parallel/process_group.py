@@ -12,6 +12,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -300,8 +301,25 @@ def shutdown_tp(barrier: bool = False) -> None:
     _CURRENT = None
     if dist.is_available() and dist.is_initialized():
         try:
+            store, rank, world = None, dist.get_rank(), dist.get_world_size()
             if barrier:
                 dist.barrier()
+                store = dist.distributed_c10d._get_default_store()
             dist.destroy_process_group()
+            if store is not None and world > 1:
+                _leave_in_order(store, rank, world)
         except Exception as e:  # a peer already gone: nothing more to release
             log.debug("destroy_process_group: %s", e)
+
+
+def _leave_in_order(store: Any, rank: int, world: int, timeout_s: float = 30.0) -> None:
+    """Rank 0 hosts the rendezvous store: it waits until every peer has torn its group down
+    before it exits and closes the store. Peers still tearing down while the store vanished
+    aborted now and then ("terminate called without an active exception", exit 134)."""
+    key = "llmopt/left"
+    if rank != 0:
+        store.add(key, 1)
+        return
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
