@@ -172,7 +172,8 @@ def test_quantised_model_triton_path_matches_reference_path(monkeypatch: pytest.
 @pytest.mark.parametrize("n,k,group", [(4096, 4096, 32), (256, 1536, 128), (11008, 4096, 64)])
 def test_int4_tinygemm_path_matches_float64_dequant(monkeypatch: pytest.MonkeyPatch, n: int, k: int, group: int) -> None:
     """LLMOPT_WO_KERNEL=tinygemm: Int4Linear repacked into torch's CUDA int4 layout gives
-    dequantise-then-matmul's result at decode sizes, and is not used for longer inputs."""
+    dequantise-then-matmul's result at decode sizes (1, 8 rows) and beyond them (40 rows, the
+    Triton/cuBLAS path)."""
     from llmopt.quant import kernels
     from llmopt.quant.int4 import quantize_weight_rtn
 

@@ -150,15 +150,15 @@ class TPComm:
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        if torch.compiler.is_compiling() or self.backend == "nccl":
-            # Gather along a new leading axis, then move it next to the last: gathering along the
-            # last axis directly makes funcol call a helper dynamo refuses to trace (torch 2.11).
-            if torch.compiler.is_compiling():
-                out = funcol.all_gather_tensor(x, 0, self.group).view(self.world_size, *x.shape)
-            else:
-                out = x.new_empty((self.world_size, *x.shape))  # [N, ..., C]
-                dist.all_gather_into_tensor(out, x, group=self.group)
-            return out.movedim(0, -2).reshape(*x.shape[:-1], self.world_size * x.shape[-1])
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=-1)
+        # Gather along a new leading axis, then move it next to the last: gathering along the last
+        # axis directly makes funcol call a helper dynamo refuses to trace (torch 2.11).
+        if torch.compiler.is_compiling():
+            out = funcol.all_gather_tensor(x, 0, self.group).view(self.world_size, *x.shape)
+        elif self.backend == "nccl":
+            out = x.new_empty((self.world_size, *x.shape))  # [N, ..., C]
+            dist.all_gather_into_tensor(out, x, group=self.group)
+        else:
+            parts = [torch.empty_like(x) for _ in range(self.world_size)]
+            dist.all_gather(parts, x, group=self.group)
+            return torch.cat(parts, dim=-1)
+        return out.movedim(0, -2).reshape(*x.shape[:-1], self.world_size * x.shape[-1])

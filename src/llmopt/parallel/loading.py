@@ -34,7 +34,6 @@ from llmopt.parallel.sharding import (
     apply_transforms,
     assign_tensors,
     make_plan,
-    prepare_for_device,
     shard_model,
     take,
 )
@@ -212,6 +211,8 @@ def load_sharded(
             nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assign_tensors(model, state)
     if state:  # checkpoints read shard by shard: repack for the device (shard_model does it too)
+        from llmopt.quant.api import prepare_for_device
+
         prepare_for_device(model)
     model.eval().requires_grad_(False)
     return ShardedLoadedModel(

@@ -516,15 +516,7 @@ def shard_model(model: nn.Module, comm: TPComm, device: torch.device | None = No
         local[name] = t
     apply_transforms(model, plan, comm)
     assign_tensors(model, local)
-    prepare_for_device(model)
+    from llmopt.quant.api import prepare_for_device
+
+    prepare_for_device(model)  # quantised modules rebuild their device repacks from this shard
     return plan
-
-
-def prepare_for_device(model: nn.Module) -> None:
-    """Rebuild device repacks (non-persistent tensors derived from the ones just split, e.g.
-    Int4Linear's tinygemm copy) from this rank's shard: modules that have them define
-    ``prepare_for_device()``."""
-    for m in model.modules():
-        prepare = getattr(m, "prepare_for_device", None)
-        if callable(prepare):
-            prepare()

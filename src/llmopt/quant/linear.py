@@ -162,11 +162,17 @@ class Int4Linear(QuantLinear):
         if not (kernels._TINYGEMM and self.qweight.is_cuda and self.perm is None
                 and kernels.tinygemm_fits(self.in_features, self.out_features, self.group_size)):
             return
-        codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t().to(torch.int32)  # [N, K]
+        codes, scales_zeros = self._torch_int4_layout()
         u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()  # [N, K/2]
         self.tg_weight = torch._convert_weight_to_int4pack(u8, kernels.TINYGEMM_INNER_K_TILES)
+        self.tg_scales_zeros = scales_zeros.to(torch.bfloat16)
+
+    def _torch_int4_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes [N, K] int32 and scale/zero pairs [G, N, 2] float32 for torch's int4 kernels (CPU
+        and CUDA), whose convention is w = (q - 8) * scale + zero, with a float zero per group."""
+        codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t().to(torch.int32)
         s = self.scales.float()
-        self.tg_scales_zeros = torch.stack([s, (8 - self.zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()
+        return codes, torch.stack([s, (8 - self.zeros.float()) * s], dim=-1).contiguous()
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads: the tinygemm copy when there is one, else the packed codes."""
@@ -184,13 +190,10 @@ class Int4Linear(QuantLinear):
             return cache[2]
         packed = None
         if hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and self.out_features % 16 == 0:
-            codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t().to(torch.int32)  # [N, K]
+            codes, scales_zeros = self._torch_int4_layout()
             k_pad = self.scales.shape[0] * self.group_size
             codes = F.pad(codes, (0, k_pad - self.in_features))
             w = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-            # torch's convention is w = (q - 8) * scale + zero, with a float zero per group
-            s = self.scales.float()
-            scales_zeros = torch.stack([s, (8 - self.zeros.float()) * s], dim=-1).contiguous()  # [G, N, 2]
             packed = (w, scales_zeros)
         self.__dict__["_cpu_pack_cache"] = (self.qweight, self.scales, packed)
         return packed

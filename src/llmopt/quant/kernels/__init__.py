@@ -47,10 +47,10 @@ def gpu_kernel_choice() -> str:
 
 # Decided once at import: forward() runs under torch.compile, which cannot trace
 # importlib or os.environ lookups (dynamo refuses find_spec as a skipped function).
-_TRITON_OK = (importlib.util.find_spec("triton") is not None
-              and gpu_kernel_choice() in ("triton", "tinygemm", "triton-gemv"))
-_GEMV = gpu_kernel_choice() == "triton-gemv"
-_TINYGEMM = gpu_kernel_choice() == "tinygemm" and hasattr(torch, "_weight_int4pack_mm")
+_CHOICE = gpu_kernel_choice()
+_TRITON_OK = importlib.util.find_spec("triton") is not None and _CHOICE != "torch"
+_GEMV = _CHOICE == "triton-gemv"
+_TINYGEMM = _CHOICE == "tinygemm" and hasattr(torch, "_weight_int4pack_mm")
 TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
 
 

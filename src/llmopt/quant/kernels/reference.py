@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmopt.quant.primitives import nf4_codebook, unpack_bits
+from llmopt.quant.primitives import expand_groups, nf4_codebook, unpack_bits
 
 
 def unpack_int4_kn(qweight: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,8 +42,8 @@ def dequant_int8g(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         q = qweight.view(n, k // group_size, group_size).to(dtype)
         w = (q - zeros.t().to(dtype)[:, :, None]) * scales.t().to(dtype)[:, :, None]
         return w.view(n, k)
-    g = torch.arange(k, device=qweight.device) // group_size  # [K]
-    w = (qweight.to(torch.float32) - zeros.float()[g].t()) * scales.float()[g].t()  # [N, K]
+    w = ((qweight.to(torch.float32) - expand_groups(zeros.float().t(), group_size, k))
+         * expand_groups(scales.float().t(), group_size, k))  # [N, K]
     return w.to(dtype)
 
 
