@@ -134,3 +134,23 @@ def test_compiled_cpu_decode_equals_eager(tiny, tmp_path, monkeypatch) -> None:
     eager = Generator(tiny, None, torch.device("cpu")).generate(prompts, params)
     compiled = Generator(tiny, None, torch.device("cpu"), compile=True, max_seq_len=64).generate(prompts, params)
     assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+
+
+def test_regional_compile_cpu_decode_equals_eager(tmp_path, monkeypatch) -> None:
+    """--compile-mode regional on CPU: each layer compiled, one compiled graph for all of them
+    (dynamo reuses it), the same tokens as eager."""
+    import torch._dynamo
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=3)
+    model.lm_head.weight.mul_(40.0)
+    assert model.config.num_layers > 1
+    prompts = [[5, 17, 99, 3, 250, 41], [7, 8]]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    eager = Generator(model, None, torch.device("cpu")).generate(prompts, params)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen = Generator(model, None, torch.device("cpu"), compile=True, compile_mode="regional", max_seq_len=64)
+    got = gen.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in eager]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -72,3 +72,31 @@ def test_compiled_decode_equals_eager() -> None:
     again = compiled.generate(prompts, params)  # replays the captured graph
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
     assert [o.token_ids for o in again] == [o.token_ids for o in eager]
+
+
+def test_regional_compile_captured_step_equals_eager() -> None:
+    """--compile-mode regional: one compiled layer graph shared by every layer, the whole step
+    captured as one CUDA graph; same tokens as eager, replayed without re-capture, re-captured
+    when a larger batch reallocates the KV cache."""
+    import torch._dynamo
+
+    model = _tiny_cuda(torch.float32)
+    model.set_attention_backend("triton")
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14]]
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    eager = Generator(model, None, torch.device("cuda")).generate(prompts, params)
+    eager3 = Generator(model, None, torch.device("cuda")).generate(prompts + [[3, 4]], params)
+    model.clear_caches()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen = Generator(model, None, torch.device("cuda"), compile=True, compile_mode="regional",
+                    max_seq_len=256)
+    got = gen.generate(prompts, params)
+    again = gen.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in eager]
+    assert [o.token_ids for o in again] == [o.token_ids for o in eager]
+    assert gen._captured is not None and gen._captured.captures == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # every layer, one graph
+    got3 = gen.generate(prompts + [[3, 4]], params)
+    assert [o.token_ids for o in got3] == [o.token_ids for o in eager3]
+    assert gen._captured.captures == 2

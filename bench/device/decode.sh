@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3 on the GPU: gpu tests, then `llmopt bench` on random-weight presets. Results in $OUT.
 # Usage (device tool): bash bench/device/decode.sh RUN [RUN ...]   (RUN names below; "tests" runs pytest)
+# RUN+regional: the same run with --compile-mode regional (its JSON is RUN_regional.json)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
@@ -18,45 +19,47 @@ run() {  # name, args...  (output streams into log.txt, so a run cut short still
         limit=$((DEADLINE_S - (SECONDS - T0)))
     fi
     echo "=== $name: llmopt bench $* (limit ${limit} s)" | tee -a "$OUT/log.txt"
-    timeout "$limit" $B "$@" --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
+    timeout "$limit" $B "$@" $EXTRA --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
     echo "    rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
     EST=$((SECONDS - t0 + 15))
 }
 T0=$SECONDS
 EST=${RUN_S:-420}  # how long the next run is expected to take: the last run's time, at first RUN_S
 for r in "$@"; do
+    EXTRA="" name=$r
+    case $r in *+regional) r=${r%+regional} name=${r%+regional}_regional EXTRA="--compile-mode regional" ;; esac
     # DEADLINE_S: skip runs that would not finish inside the device call
     if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + EST)) -gt "$DEADLINE_S" ]; then
         echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue
     fi
     case $r in
         tests) python3 -m pytest -q -m gpu tests/test_gpu_decode.py -p no:cacheprovider 2>&1 | tail -6 | tee -a "$OUT/log.txt" ;;
-        l2-7b_b1) run $r $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_b1_profile) run $r $L7 --prompt-len 5 --new-tokens 200 --runs 3 --profile "$OUT/profile" ;;
-        l2-7b_b1_autotune) run $r $L7 --compile-mode max-autotune --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_b1_fused) run $r $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $r $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_ttft1024) run $r $L7 --compile-prefill --prompt-len 1024 --new-tokens 16 --runs 5 ;;
-        l2-7b_ctx4000) run $r $L7 --prompt-len 4000 --new-tokens 200 --runs 3 ;;
-        l2-7b_b8) run $r $L7 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
-        l2-7b_b32) run $r $L7 --batch-size 32 --prompt-len 5 --new-tokens 200 --runs 3 ;;
-        l2-7b_int8) run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int8g32) run $r $L7 --quant int8-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int8_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g32) run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g128) run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g128_b8) run $r $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
-        l2-7b_int4g32_b8) run $r $L7 --quant int4-g32 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
-        l2-7b_nf4) run $r $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_fp8) run $r $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g32_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g128_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        l2-7b_int4g128_gemv) LLMOPT_WO_KERNEL=triton-gemv run $r $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_b1) run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_b1_profile) run $name $L7 --prompt-len 5 --new-tokens 200 --runs 3 --profile "$OUT/profile" ;;
+        l2-7b_b1_autotune) run $name $L7 --compile-mode max-autotune --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_b1_fused) run $name $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_ttft1024) run $name $L7 --compile-prefill --prompt-len 1024 --new-tokens 16 --runs 5 ;;
+        l2-7b_ctx4000) run $name $L7 --prompt-len 4000 --new-tokens 200 --runs 3 ;;
+        l2-7b_b8) run $name $L7 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_b32) run $name $L7 --batch-size 32 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int8) run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int8g32) run $name $L7 --quant int8-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int8_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32) run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128) run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128_b8) run $name $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int4g32_b8) run $name $L7 --quant int4-g32 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_nf4) run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_fp8) run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g128_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "tinygemm or gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
-        l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $r $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;
-        l3-8b_b1) run $r --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l3-8b_b1) run $name --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;
         *) echo "unknown run $r" ;;
     esac
 done
@@ -72,3 +75,5 @@ for f in sorted(out.glob("*.json")):
           f"{100*(r['roofline_fraction'] or 0):6.1f} {r['achieved_gb_per_s']:6.0f} {1000*r['ttft_s']:8.1f} "
           f"{(r['compile_s'] or 0):8.1f} {r['start_to_first_token_s']:9.1f} {r['start_to_first_run_done_s']:9.1f}")
 PY
+# The device tool returns at most 8 files: TAR=1 packs the JSONs into one archive.
+if [ "${TAR:-0}" = 1 ]; then (cd "$OUT" && tar cf runs.tar *.json && rm -f *.json); fi

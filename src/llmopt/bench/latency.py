@@ -190,8 +190,9 @@ def run_latency_bench(
     return BenchResult(
         model=model_name, random_weights=random_weights, device=device_name(device),
         dtype=str(dtype).replace("torch.", ""), attention=attention, compile=compile,
-        # on CPU the mode is not used: compile_fn freezes the weights instead
-        compile_mode=(None if not compile else "cpu-freezing" if device.type == "cpu" else compile_mode),
+        # on CPU a whole-model compile has no mode: compile_fn freezes the weights instead
+        compile_mode=(None if not compile else "cpu-freezing"
+                      if device.type == "cpu" and compile_mode != "regional" else compile_mode),
         compile_prefill=compile_prefill,
         fuse_projections=fuse_projections, quant=quant, config=asdict(cfg), runs=runs,
         decode_tokens_per_s=dec, total_tokens_per_s=dec * cfg.batch_size, ttft_s=ttft,

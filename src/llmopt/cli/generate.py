@@ -27,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "prepacked weights on CPU); a short warm-up run compiles first, so the "
                         "stats line shows compiled speed")
     p.add_argument("--compile-mode", default="reduce-overhead",
-                   help="reduce-overhead (default), max-autotune, max-autotune-no-cudagraphs, default")
+                   help="reduce-overhead (default: the whole step compiled, one CUDA graph), "
+                        "regional (one layer compiled and shared by all, the step captured as one "
+                        "CUDA graph: a short cold compile), max-autotune, "
+                        "max-autotune-no-cudagraphs, default")
     add_speculative_args(p)
 
 

@@ -12,7 +12,10 @@ from llmopt.loading.resolve import cache_dir
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
+COMPILE_MODES = ("reduce-overhead", "regional", "max-autotune", "max-autotune-no-cudagraphs", "default")
+# regional: each decoder layer is compiled on its own (identical layers share one compiled graph,
+# so a cold compile costs one layer, not all of them), and the decode step is captured whole as
+# one CUDA graph by engine.cuda_graph.CapturedStep.
 _configured = False
 
 
@@ -56,4 +59,24 @@ def compile_fn(
 
         inductor_config.freezing = True
         return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    if mode == "regional":  # callers that compile a whole function (drafts, verify steps)
+        mode = "reduce-overhead"
     return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=True, dynamic=dynamic)
+
+
+def compile_layers(model: Any) -> int:
+    """The ``regional`` mode's compile: each decoder layer gets ``nn.Module.compile`` in place (no
+    CUDA graphs: the caller captures the whole step). Layers of one model share their code and
+    their parameters are graph inputs, so dynamo compiles the first and reuses it for the rest.
+    Size-1 dimensions are specialised: a decode step (one token) gets a static graph. No CPU
+    freezing here: frozen weights would be constants, one compile per layer. Returns the count."""
+    configure_inductor()
+    import torch._inductor.config as inductor_config
+
+    # Off even where a whole-model CPU compile in this process turned it on: with freezing,
+    # dynamo treats parameters as constants and guards each layer's by identity.
+    inductor_config.freezing = False
+    layers = model.model.layers
+    for layer in layers:
+        layer.compile(fullgraph=True)
+    return len(layers)

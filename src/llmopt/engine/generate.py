@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from llmopt.devices import HostTokens, synchronize
+from llmopt.engine.cuda_graph import CapturedStep
 from llmopt.engine.outputs import GenerationStats, RequestOutput
 from llmopt.errors import UserError
 from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -56,18 +57,30 @@ class Generator:
         self.compiled = compile
         # A compiled graph is specialised to the cache shape: keep one fixed size.
         self.fixed_seq_len = (max_seq_len or 0) if compile else None
-        self._decode_graph = None
+        self._decode_graph: Callable[..., torch.Tensor] | None = None
+        self._captured: CapturedStep | None = None
         self._prefill_fn = model
+        self._eager_prefill = False  # regional mode without --compile-prefill
         if compile:
-            from llmopt.engine.compile import compile_fn
+            from llmopt.engine.compile import compile_fn, compile_layers
             from llmopt.models.fusion import fuse_projections as fuse_fn
 
             # Off by default: measured slower on H100 (inductor then lowers the wider matmuls
             # plus their epilogues to its own reductions; see docs/benchmarks.md).
             if fuse_projections:
                 fuse_fn(model)
-            self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device)
-            if compile_prefill:
+            if compile_mode == "regional":
+                # One compiled layer serves all; the step (layers plus eager glue) is one CUDA
+                # graph. Prefill runs the compiled layers only if asked (a new prompt length
+                # would otherwise compile a dynamic-length layer graph on the first request).
+                compile_layers(model)
+                self._eager_prefill = not compile_prefill
+                if device.type == "cuda":
+                    self._captured = CapturedStep(self._decode_static)
+                self._decode_graph = self._decode_static
+            else:
+                self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device)
+            if compile_prefill and compile_mode != "regional":
                 # One graph for every prompt length (dynamic shapes); no CUDA graph, since the
                 # work per launch is large at prefill and lengths vary; no autotuning (compile time).
                 self._prefill_fn = compile_fn(model, "default", dynamic=True, device=device)
@@ -78,6 +91,8 @@ class Generator:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step: [B, 1] tokens at [B, 1] positions -> [B, V] logits."""
+        if self._captured is not None:
+            return self._captured(tokens, positions, key=self._cache_key())
         if self._decode_graph is not None:
             return self._decode_graph(tokens, positions)
         return self.model(tokens, positions, kv_len=kv_len)[:, -1]
@@ -101,7 +116,14 @@ class Generator:
             self.fixed_seq_len = size = max(self.fixed_seq_len, size)
             if self.model.max_seq_len != size or self.model.max_batch_size < batch:
                 self.model.clear_caches()
+                if self._captured is not None:
+                    self._captured.reset()  # its graph wrote into the caches just freed
         self.model.setup_caches(batch, size)
+
+    def _cache_key(self) -> tuple[int, int, int]:
+        """What a captured decode graph bakes in besides its inputs: the KV cache it writes."""
+        k = self.model.model.layers[0].self_attn.kv_cache.k_cache
+        return (k.data_ptr(), self.model.max_batch_size, self.model.max_seq_len)
 
     @torch.inference_mode()
     def generate(
@@ -142,7 +164,11 @@ class Generator:
         tokens = tokens.to(dev)
         positions = torch.arange(longest, device=dev).expand(bsz, longest)
         lens_t = torch.tensor(lens, device=dev)
-        logits = self._prefill_fn(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
+        if self._eager_prefill:
+            with torch.compiler.set_stance("force_eager"):
+                logits = self.model(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)
+        else:
+            logits = self._prefill_fn(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
         next_tok = sample(logits[:, -1], st, gens, seen)  # [B]
         cur_pos = lens_t.clone()  # [B] position the next token is written at
         host = next_tok.tolist()

@@ -118,7 +118,7 @@ class Int4Linear(QuantLinear):
             self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
         else:
             self.register_buffer("perm", None)
-        # torch's CUDA int4 layout (LLMOPT_WO_KERNEL=tinygemm), built by prepare_for_device;
+        # torch's CUDA int4 layout (the default CUDA decode path), built by prepare_for_device;
         # derived from the buffers above, so kept out of the state dict
         self.register_buffer("tg_weight", None, persistent=False)
         self.register_buffer("tg_scales_zeros", None, persistent=False)
@@ -154,7 +154,7 @@ class Int4Linear(QuantLinear):
         return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def prepare_for_device(self) -> None:
-        """With ``LLMOPT_WO_KERNEL=tinygemm`` on CUDA, repack into torch's int4 layout: uint8
+        """On CUDA (unless ``LLMOPT_WO_KERNEL`` names another path), repack into torch's int4 layout: uint8
         [N, K/2] (even k in the high nibble) through ``torch._convert_weight_to_int4pack``, and
         scale/zero pairs [G, N, 2] in bf16 for its convention w = (q - 8) * scale + zero. The
         packed copy is used for decode-sized inputs; prefill keeps the dequantise-and-cuBLAS path."""

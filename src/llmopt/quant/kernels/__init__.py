@@ -5,9 +5,11 @@
 - CPU, at most ``SMALL_M`` rows: ``torch._weight_int8pack_mm`` for int8 and
   ``torch._weight_int4pack_mm_for_cpu`` for int4 (``Int4Linear`` prepacks the codes, padding a
   ragged K to whole groups), which are faster there (timings next to each call).
-- CUDA, at most ``SMALL_M`` rows (decode, batch 1..16): the fused Triton dequantise-and-matmul in
-  ``triton_wo.py``; it reads the packed weight once, which is what makes decode bandwidth-bound
-  on fewer bytes.
+- CUDA, at most ``SMALL_M`` rows (decode, batch 1..16): int4 with bf16 activations goes to torch's
+  int4 GEMM (``torch._weight_int4pack_mm``, "tinygemm"), measured fastest on an H200 (7B g128:
+  320.4 tok/s against 150.3 with the Triton kernel, bench/results/decode/h200_s5_*); other
+  formats (and int4 shapes tinygemm does not take) use the fused Triton dequantise-and-matmul
+  in ``triton_wo.py``, which reads the packed weight once.
 - CUDA, more rows (prefill): dequantise to the activation dtype and use cuBLAS. The dequantise is
   paid once per call and is small next to an M x N x K matmul with large M.
 - FP8 with ``mode="scaled_mm"``: activations quantised per row to e4m3 and ``torch._scaled_mm``
@@ -28,18 +30,18 @@ from llmopt.quant.kernels import reference as ref
 SMALL_M = 16
 
 
-KERNEL_CHOICES = ("triton", "torch", "tinygemm", "triton-gemv")
+KERNEL_CHOICES = ("tinygemm", "triton", "torch", "triton-gemv")
 
 
 def gpu_kernel_choice() -> str:
     """``LLMOPT_WO_KERNEL`` picks the CUDA decode path, so the benchmark can choose by measurement:
-    ``triton`` (default) uses ``triton_wo.py``; ``torch`` the plain-PyTorch path, which
-    torch.compile fuses (dequantise inside inductor's GEMV); ``tinygemm`` sends int4 to torch's
-    CUDA int4 GEMM (``torch._weight_int4pack_mm``, the kernel gpt-fast uses; weights repacked at
-    load by ``Int4Linear.prepare_for_device``) and the other formats to Triton; ``triton-gemv``
-    sends int4 at one row to ``triton_wo.int4_gemv`` (no padded tl.dot rows, each packed word
-    loaded once) and everything else to ``triton``."""
-    choice = os.environ.get("LLMOPT_WO_KERNEL", "triton")
+    ``tinygemm`` (default) sends int4 to torch's CUDA int4 GEMM (``torch._weight_int4pack_mm``,
+    the kernel gpt-fast uses; weights repacked at load by ``Int4Linear.prepare_for_device``) and
+    the other formats to Triton; ``triton`` sends every format to ``triton_wo.py``; ``torch`` the
+    plain-PyTorch path, which torch.compile fuses (dequantise inside inductor's GEMV);
+    ``triton-gemv`` sends int4 at one row to ``triton_wo.int4_gemv`` (no padded tl.dot rows, each
+    packed word loaded once) and everything else to ``triton``."""
+    choice = os.environ.get("LLMOPT_WO_KERNEL", "tinygemm")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
     return choice
