@@ -153,4 +153,9 @@ def test_regional_compile_cpu_decode_equals_eager(tmp_path, monkeypatch) -> None
     gen = Generator(model, None, torch.device("cpu"), compile=True, compile_mode="regional", max_seq_len=64)
     got = gen.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
+    # a new prompt length: prefill runs eager, outside the compiled layers, so nothing recompiles
+    longer = [list(range(3, 40)), [9, 9, 9]]
+    assert [o.token_ids for o in gen.generate(longer, params)] == [
+        o.token_ids for o in Generator(model, None, torch.device("cpu")).generate(longer, params)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert model.model.layers[0]._compiled_call_impl is None  # compiled only inside the step

@@ -100,3 +100,20 @@ def test_regional_compile_captured_step_equals_eager() -> None:
     got3 = gen.generate(prompts + [[3, 4]], params)
     assert [o.token_ids for o in got3] == [o.token_ids for o in eager3]
     assert gen._captured.captures == 2
+
+
+def test_regional_compiled_speculation_on_gpu() -> None:
+    """Speculation with captured regional graphs (verify at widths 1 and k+1, the draft's step):
+    greedy output equals plain decoding's."""
+    from llmopt.speculative import ReplayDrafter, SpeculativeConfig, SpeculativeGenerator, build_drafter
+
+    model = _tiny_cuda(torch.float32)
+    model.set_attention_backend("triton")
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    ref = Generator(model, None, torch.device("cuda")).generate([prompt], params)[0].token_ids
+    for drafter in (build_drafter("self-layers:1", model, None), ReplayDrafter(ref[:20])):
+        cfg = SpeculativeConfig(k=3, adaptive=False, compile=True, compile_mode="regional", max_seq_len=128)
+        gen = SpeculativeGenerator(model, None, torch.device("cuda"), drafter, cfg)
+        assert gen.generate([prompt], params)[0].token_ids == ref, drafter.name
+        assert gen._verify_graph.captures >= 2  # one graph per verified width

@@ -233,3 +233,18 @@ def test_cli_generate_with_ngram_draft_reports_stats(default_model_dir: str, cap
     spec = obj["speculative"]
     assert spec["drafter"] == "ngram" and spec["k_max"] == 4
     assert len(spec["acceptance_by_position"]) == 4
+
+
+def test_regional_compiled_speculation_keeps_greedy_equal(tmp_path, monkeypatch) -> None:
+    """--compile-mode regional with speculation: the verify step and the draft's one-token step
+    run compiled layers (one compiled graph per step width, shared by every layer) and still emit
+    plain greedy decoding's tokens; multi-token feeds stay eager."""
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    model = random_model(preset_config("tiny").replace(num_layers=3), CPU, torch.float32, seed=0)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    ref = Generator(model, None, CPU).generate([prompt], GREEDY)[0].token_ids
+    for drafter in _drafters(model, ref, ["self-layers:2"]) + [ReplayDrafter(ref[:20])]:
+        cfg = SpeculativeConfig(k=3, adaptive=False, compile=True, compile_mode="regional", max_seq_len=128)
+        out = SpeculativeGenerator(model, None, CPU, drafter, cfg).generate([prompt], GREEDY)[0]
+        assert out.token_ids == ref, drafter.name
+        assert model.model.layers[0]._compiled_call_impl is None

@@ -80,8 +80,10 @@ class Peaked:
 
 
 def _plain(model: torch.nn.Module, tok: object, dev: torch.device, prompt: list[int],
-           params: SamplingParams, repeats: int = 2, compile: bool = False) -> tuple[list[int], float]:
-    gen = Generator(model, tok, dev, compile=compile, max_seq_len=CACHE_LEN)  # type: ignore[arg-type]
+           params: SamplingParams, repeats: int = 2, compile: bool = False,
+           compile_mode: str = "regional") -> tuple[list[int], float]:
+    gen = Generator(model, tok, dev, compile=compile, compile_mode=compile_mode,  # type: ignore[arg-type]
+                    max_seq_len=CACHE_LEN)
     gen.generate([prompt], params)  # warm-up (allocations, kernels)
     rates, tokens = [], []
     for _ in range(repeats):
@@ -94,8 +96,10 @@ def _plain(model: torch.nn.Module, tok: object, dev: torch.device, prompt: list[
 
 def _spec(model: torch.nn.Module, tok: object, dev: torch.device, prompt: list[int],
           params: SamplingParams, drafter: object, k: int, adaptive: bool,
-          reference: list[int] | None, compile: bool = False) -> dict[str, object]:
-    cfg = SpeculativeConfig(k=k, adaptive=adaptive, compile=compile, max_seq_len=CACHE_LEN)
+          reference: list[int] | None, compile: bool = False,
+          compile_mode: str = "regional") -> dict[str, object]:
+    cfg = SpeculativeConfig(k=k, adaptive=adaptive, compile=compile, compile_mode=compile_mode,
+                            max_seq_len=CACHE_LEN)
     gen = SpeculativeGenerator(model, tok, dev, drafter, cfg)  # type: ignore[arg-type]
     gen.generate([prompt], params)  # warm-up
     out = gen.generate([prompt], params)[0]
@@ -195,7 +199,8 @@ def run_device(args: argparse.Namespace) -> int:
         try:
             model.clear_caches()
             with peak:
-                ref_c, plain_c = _plain(model, lm.tokenizer, dev, prompt, params, repeats=1, compile=True)
+                ref_c, plain_c = _plain(model, lm.tokenizer, dev, prompt, params, repeats=1, compile=True,
+                                        compile_mode=args.compile_mode)
             compiled["plain"] = {"decode_tokens_per_s": round(plain_c, 2),
                                  "greedy_equal_to_eager": ref_c == reference}
             print(f"compiled plain: {plain_c:.1f} tok/s", file=sys.stderr, flush=True)
@@ -210,19 +215,20 @@ def run_device(args: argparse.Namespace) -> int:
                     continue
                 with peak:
                     r = _spec(model, lm.tokenizer, dev, prompt, params, drafter, args.k, adaptive,
-                              reference, compile=True)
+                              reference, compile=True, compile_mode=args.compile_mode)
                 r["speedup_vs_compiled_plain"] = round(float(r["decode_tokens_per_s"]) / plain_c, 3)  # type: ignore[arg-type]
                 compiled[name] = r
                 print(f"compiled {name}: {r['decode_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
             if _left(args.budget_s) > 90:
                 drafter = build_drafter("self-layers:8", model, lm.tokenizer, progress=False)
                 r = _spec(model, lm.tokenizer, dev, prompt, params, drafter, args.k, True, raw_reference,
-                          compile=True)
+                          compile=True, compile_mode=args.compile_mode)
                 r["speedup_vs_compiled_plain"] = round(float(r["decode_tokens_per_s"]) / plain_c, 3)  # type: ignore[arg-type]
                 compiled["self-layers:8 k=4 adaptive"] = r
         except Exception as e:  # keep the eager numbers whatever happens here
             compiled["error"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     results["compiled_runs"] = compiled
+    results["compile_mode"] = args.compile_mode if args.compile else None
     replay = runs["replay k=4"].get("speedup_vs_plain")
     wrong = runs["always-wrong k=4 fixed"].get("speedup_vs_plain")
     wrong_ad = runs["always-wrong k=4 adaptive"].get("speedup_vs_plain")
@@ -334,6 +340,8 @@ def main() -> int:
     d.add_argument("--k", type=int, default=4)
     d.add_argument("--out", required=True)
     d.add_argument("--compile", action="store_true", help="also measure compiled steps (GPU)")
+    d.add_argument("--compile-mode", default="regional",
+                   help="compile mode of the compiled runs (regional: short cold compiles)")
     d.add_argument("--budget-s", type=float, default=320.0, help="stop starting new cases after this")
     d.add_argument("--peaked", dest="peaked", action="store_true", default=None,
                    help="bounds on peaked logits (default for preset: models; see Peaked)")

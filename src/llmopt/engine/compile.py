@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from llmopt.loading.resolve import cache_dir
@@ -64,19 +65,44 @@ def compile_fn(
     return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=True, dynamic=dynamic)
 
 
-def compile_layers(model: Any) -> int:
-    """The ``regional`` mode's compile: each decoder layer gets ``nn.Module.compile`` in place (no
-    CUDA graphs: the caller captures the whole step). Layers of one model share their code and
-    their parameters are graph inputs, so dynamo compiles the first and reuses it for the rest.
-    Size-1 dimensions are specialised: a decode step (one token) gets a static graph. No CPU
-    freezing here: frozen weights would be constants, one compile per layer. Returns the count."""
-    configure_inductor()
-    import torch._inductor.config as inductor_config
 
-    # Off even where a whole-model CPU compile in this process turned it on: with freezing,
-    # dynamo treats parameters as constants and guards each layer's by identity.
-    inductor_config.freezing = False
-    layers = model.model.layers
-    for layer in layers:
-        layer.compile(fullgraph=True)
-    return len(layers)
+class CompiledLayers:
+    """The ``regional`` mode's compile: one ``torch.compile`` of each decoder layer's call, active
+    only inside ``active()`` (or a function made by ``wrap``), so prefill and other multi-token
+    calls on the same model stay eager instead of compiling a graph per length.
+
+    Layers share their code and their parameters are graph inputs, so dynamo compiles the first
+    layer and reuses that graph for the rest: a cold compile costs one layer, not all of them.
+    Size-1 dimensions are specialised, so a one-token step gets a static graph. No CUDA graphs
+    here: the caller captures the whole step (``engine.cuda_graph.CapturedStep``). No CPU freezing:
+    frozen weights would be constants, one compile per layer.
+    """
+
+    def __init__(self, model: Any) -> None:
+        configure_inductor()
+        import torch
+        import torch._inductor.config as inductor_config
+
+        # Off even where a whole-model CPU compile in this process turned it on: with freezing,
+        # dynamo treats parameters as constants and guards each layer's by identity.
+        inductor_config.freezing = False
+        self.layers = list(model.model.layers)
+        # What nn.Module.compile installs, kept aside until active() puts it in place.
+        self._fns = [torch.compile(layer._call_impl, fullgraph=True) for layer in self.layers]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        for layer, fn in zip(self.layers, self._fns, strict=True):
+            layer._compiled_call_impl = fn
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer._compiled_call_impl = None
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self.active():
+                return fn(*args, **kwargs)
+
+        return run

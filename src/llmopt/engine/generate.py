@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from llmopt.devices import HostTokens, synchronize
-from llmopt.engine.cuda_graph import CapturedStep
+from llmopt.engine.cuda_graph import CapturedStep, kv_cache_key
 from llmopt.engine.outputs import GenerationStats, RequestOutput
 from llmopt.errors import UserError
 from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -60,9 +60,8 @@ class Generator:
         self._decode_graph: Callable[..., torch.Tensor] | None = None
         self._captured: CapturedStep | None = None
         self._prefill_fn = model
-        self._eager_prefill = False  # regional mode without --compile-prefill
         if compile:
-            from llmopt.engine.compile import compile_fn, compile_layers
+            from llmopt.engine.compile import CompiledLayers, compile_fn
             from llmopt.models.fusion import fuse_projections as fuse_fn
 
             # Off by default: measured slower on H100 (inductor then lowers the wider matmuls
@@ -71,13 +70,14 @@ class Generator:
                 fuse_fn(model)
             if compile_mode == "regional":
                 # One compiled layer serves all; the step (layers plus eager glue) is one CUDA
-                # graph. Prefill runs the compiled layers only if asked (a new prompt length
-                # would otherwise compile a dynamic-length layer graph on the first request).
-                compile_layers(model)
-                self._eager_prefill = not compile_prefill
+                # graph. Prefill runs the compiled layers only if asked (its first lengths each
+                # compile, then one dynamic-length graph).
+                layers = CompiledLayers(model)
+                self._decode_graph = layers.wrap(self._decode_static)
                 if device.type == "cuda":
-                    self._captured = CapturedStep(self._decode_static)
-                self._decode_graph = self._decode_static
+                    self._captured = CapturedStep(self._decode_graph)
+                if compile_prefill:
+                    self._prefill_fn = layers.wrap(model)
             else:
                 self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device)
             if compile_prefill and compile_mode != "regional":
@@ -92,7 +92,7 @@ class Generator:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step: [B, 1] tokens at [B, 1] positions -> [B, V] logits."""
         if self._captured is not None:
-            return self._captured(tokens, positions, key=self._cache_key())
+            return self._captured(tokens, positions, key=kv_cache_key(self.model))
         if self._decode_graph is not None:
             return self._decode_graph(tokens, positions)
         return self.model(tokens, positions, kv_len=kv_len)[:, -1]
@@ -120,10 +120,6 @@ class Generator:
                     self._captured.reset()  # its graph wrote into the caches just freed
         self.model.setup_caches(batch, size)
 
-    def _cache_key(self) -> tuple[int, int, int]:
-        """What a captured decode graph bakes in besides its inputs: the KV cache it writes."""
-        k = self.model.model.layers[0].self_attn.kv_cache.k_cache
-        return (k.data_ptr(), self.model.max_batch_size, self.model.max_seq_len)
 
     @torch.inference_mode()
     def generate(
@@ -164,11 +160,7 @@ class Generator:
         tokens = tokens.to(dev)
         positions = torch.arange(longest, device=dev).expand(bsz, longest)
         lens_t = torch.tensor(lens, device=dev)
-        if self._eager_prefill:
-            with torch.compiler.set_stance("force_eager"):
-                logits = self.model(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)
-        else:
-            logits = self._prefill_fn(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
+        logits = self._prefill_fn(tokens, positions, kv_len=longest, logits_idx=lens_t - 1)  # [B, 1, V]
         next_tok = sample(logits[:, -1], st, gens, seen)  # [B]
         cur_pos = lens_t.clone()  # [B] position the next token is written at
         host = next_tok.tolist()
