@@ -222,17 +222,25 @@ def test_cli_refuses_draft_with_other_vocabulary(default_model_dir: str, capsys:
     assert "vocabulary" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_generate_with_ngram_draft_reports_stats(default_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_generate_with_ngram_draft_reports_stats(
+    default_model_dir: str, capsys: pytest.CaptureFixture[str], tmp_path, monkeypatch
+) -> None:
+    """--draft ngram reports its stats; with --compile (regional: compiled verify steps) the text
+    is the uncompiled run's."""
     from llmopt.cli.main import main
 
-    rc = main(["generate", "--model", default_model_dir, "--device", "cpu", "--prompt",
-               "one two three four, one two three four, one two", "--temperature", "0",
-               "--max-new-tokens", "8", "--draft", "ngram", "--json"])
-    assert rc == 0
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    cmd = ["generate", "--model", default_model_dir, "--device", "cpu", "--prompt",
+           "one two three four, one two three four, one two", "--temperature", "0",
+           "--max-new-tokens", "8", "--draft", "ngram", "--json"]
+    assert main(cmd) == 0
     obj = json.loads(capsys.readouterr().out)
     spec = obj["speculative"]
     assert spec["drafter"] == "ngram" and spec["k_max"] == 4
     assert len(spec["acceptance_by_position"]) == 4
+    assert main(cmd + ["--compile", "--compile-mode", "regional"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["text"] == obj["text"] and compiled["speculative"]["drafted_tokens"] > 0
 
 
 def test_regional_compiled_speculation_keeps_greedy_equal(tmp_path, monkeypatch) -> None:

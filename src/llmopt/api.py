@@ -31,7 +31,7 @@ class LLM:
         attention: str = "auto",
         progress: bool = True,
         compile: bool = False,
-        compile_mode: str = "reduce-overhead",
+        compile_mode: str = "auto",
         engine: str = "static",
         engine_config: EngineConfig | None = None,
         loaded: LoadedModel | None = None,

@@ -192,7 +192,7 @@ def run_latency_bench(
         dtype=str(dtype).replace("torch.", ""), attention=attention, compile=compile,
         # on CPU a whole-model compile has no mode: compile_fn freezes the weights instead
         compile_mode=(None if not compile else "cpu-freezing"
-                      if device.type == "cpu" and compile_mode != "regional" else compile_mode),
+                      if device.type == "cpu" and gen.compile_mode != "regional" else gen.compile_mode),
         compile_prefill=compile_prefill,
         fuse_projections=fuse_projections, quant=quant, config=asdict(cfg), runs=runs,
         decode_tokens_per_s=dec, total_tokens_per_s=dec * cfg.batch_size, ttft_s=ttft,

@@ -20,9 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (>= 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs after the first")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph)")
-    p.add_argument("--compile-mode", default="reduce-overhead",
-                   help="reduce-overhead (default), regional (per-layer compile + one captured "
-                        "CUDA graph), max-autotune, max-autotune-no-cudagraphs, default")
+    p.add_argument("--compile-mode", default="auto",
+                   help="auto (default: regional on one GPU, reduce-overhead elsewhere), regional "
+                        "(per-layer compile + one captured CUDA graph), reduce-overhead, "
+                        "max-autotune, max-autotune-no-cudagraphs, default")
     p.add_argument("--compile-prefill", action="store_true",
                    help="also compile prefill (dynamic shapes): lower time to first token, longer compile")
     p.add_argument("--fuse-projections", action="store_true",

@@ -26,10 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile the decode step (torch.compile: one CUDA graph on GPU, frozen "
                         "prepacked weights on CPU); a short warm-up run compiles first, so the "
                         "stats line shows compiled speed")
-    p.add_argument("--compile-mode", default="reduce-overhead",
-                   help="reduce-overhead (default: the whole step compiled, one CUDA graph), "
-                        "regional (one layer compiled and shared by all, the step captured as one "
-                        "CUDA graph: a short cold compile), max-autotune, "
+    p.add_argument("--compile-mode", default="auto",
+                   help="auto (default: regional on one GPU, reduce-overhead on CPU and under "
+                        "--tp), regional (one layer compiled and shared by all, the step captured "
+                        "as one CUDA graph: a short cold compile), reduce-overhead (the whole step "
+                        "compiled, one CUDA graph; frozen weights on CPU), max-autotune, "
                         "max-autotune-no-cudagraphs, default")
     add_speculative_args(p)
 
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
         draft_spec = parse_draft_spec(args.draft)
         spec_config = SpeculativeConfig(k=args.speculate_k, adaptive=not args.fixed_k,
-                                        compare_plain=args.speculate_compare)
+                                        compare_plain=args.speculate_compare,
+                                        compile=args.compile, compile_mode=args.compile_mode)
 
     rc = maybe_launch(args, stdin_data=prompt if args.prompt is None else None)
     if rc is not None:  # this process started the --tp ranks; they have finished
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         drafter = build_drafter(draft_spec, llm.model, llm.tokenizer)
         llm.generator = SpeculativeGenerator(llm.model, llm.tokenizer, llm.device, drafter, spec_config)
 
-    if args.compile and not args.draft and args.tp == 1:
+    if args.compile and args.tp == 1:
         # Compile on a 3-token warm-up, so the streamed run and its stats are the compiled speed
         # (gpt-fast does the same). On GPU the inductor cache shortens it in later processes; on
         # CPU, freezing bypasses that cache (torch 2.13), so each process compiles (~35 s, 2 cores).

@@ -13,11 +13,29 @@ from llmopt.loading.resolve import cache_dir
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("reduce-overhead", "regional", "max-autotune", "max-autotune-no-cudagraphs", "default")
+COMPILE_MODES = ("auto", "reduce-overhead", "regional", "max-autotune", "max-autotune-no-cudagraphs", "default")
 # regional: each decoder layer is compiled on its own (identical layers share one compiled graph,
 # so a cold compile costs one layer, not all of them), and the decode step is captured whole as
 # one CUDA graph by engine.cuda_graph.CapturedStep.
 _configured = False
+
+
+def resolve_compile_mode(mode: str, device: Any) -> str:
+    """``auto``: ``regional`` on one GPU (measured on an H200, 7B bf16: 227.9 tok/s with a 21.6 s
+    cold compile against 222.0 and 87.4 s whole-model); ``reduce-overhead`` elsewhere: on CPU the
+    whole-model compile freezes and prepacks the weights (regional cannot), and under tensor
+    parallelism the whole-model graphs are the measured ones."""
+    from llmopt.errors import UserError
+
+    if mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {mode!r}; known: {', '.join(COMPILE_MODES)}")
+    if mode != "auto":
+        return mode
+    import torch
+    import torch.distributed as dist
+
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return "regional" if torch.device(device).type == "cuda" and not sharded else "reduce-overhead"
 
 
 def configure_inductor() -> None:
@@ -60,7 +78,7 @@ def compile_fn(
 
         inductor_config.freezing = True
         return torch.compile(fn, fullgraph=True, dynamic=dynamic)
-    if mode == "regional":  # callers that compile a whole function (drafts, verify steps)
+    if mode in ("auto", "regional"):  # callers that compile a whole function
         mode = "reduce-overhead"
     return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=True, dynamic=dynamic)
 

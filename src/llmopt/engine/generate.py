@@ -45,7 +45,7 @@ class Generator:
         tokenizer: Tokenizer | None,
         device: torch.device,
         compile: bool = False,
-        compile_mode: str = "reduce-overhead",
+        compile_mode: str = "auto",
         max_seq_len: int | None = None,
         compile_prefill: bool = False,
         fuse_projections: bool = False,
@@ -60,8 +60,11 @@ class Generator:
         self._decode_graph: Callable[..., torch.Tensor] | None = None
         self._captured: CapturedStep | None = None
         self._prefill_fn = model
+        self.compile_mode: str | None = None
         if compile:
-            from llmopt.engine.compile import CompiledLayers, compile_fn
+            from llmopt.engine.compile import CompiledLayers, compile_fn, resolve_compile_mode
+
+            compile_mode = self.compile_mode = resolve_compile_mode(compile_mode, device)
             from llmopt.models.fusion import fuse_projections as fuse_fn
 
             # Off by default: measured slower on H100 (inductor then lowers the wider matmuls

@@ -118,7 +118,7 @@ class SpeculativeConfig:
     # Compile the target's verify step and the draft's one-token step (torch.compile; CUDA graphs
     # with "reduce-overhead"). Both then read the whole static cache, whose size stays fixed.
     compile: bool = False
-    compile_mode: str = "reduce-overhead"
+    compile_mode: str = "auto"  # engine.compile.resolve_compile_mode
     max_seq_len: int | None = None  # fixed cache size when compiled (default: grown as needed)
 
     def __post_init__(self) -> None:
@@ -148,19 +148,20 @@ class SpeculativeGenerator(Generator):
         self.last_stats: SpeculativeStats | None = None
         self._verify_graph = None
         if self.spec.compile:
-            from llmopt.engine.compile import CompiledLayers, compile_fn
+            from llmopt.engine.compile import CompiledLayers, compile_fn, resolve_compile_mode
 
             # One graph per verified width (1..k+1): static shapes, so each can be a CUDA graph.
             self.fixed_seq_len = self.spec.max_seq_len or 0
-            if self.spec.compile_mode == "regional":
+            mode = self.compile_mode = resolve_compile_mode(self.spec.compile_mode, device)
+            if mode == "regional":
                 # one compiled layer for every layer and width, each width captured as a graph
                 step = CompiledLayers(model).wrap(self._verify_static)
                 self._verify_graph = CapturedStep(step) if device.type == "cuda" else step
             else:
-                self._verify_graph = compile_fn(self._verify_static, self.spec.compile_mode)
+                self._verify_graph = compile_fn(self._verify_static, mode)
             enable = getattr(drafter, "enable_compile", None)
             if callable(enable):
-                enable(self.spec.compile_mode)
+                enable(mode)
 
     def _verify_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # tokens, positions: [1, T]; reads the whole static cache (masked by position)
