@@ -40,7 +40,7 @@ for r in "$@"; do
         l2-7b_b1_fused) run $name $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ttft1024) run $name $L7 --compile-prefill --prompt-len 1024 --new-tokens 16 --runs 5 ;;
-        l2-7b_ctx4000) run $name $L7 --prompt-len 4000 --new-tokens 200 --runs 3 ;;
+        l2-7b_ctx4000) run $name $L7 --prompt-len 3896 --new-tokens 200 --runs 3 ;;  # 4,096-token context: ~4,000 cached
         l2-7b_b8) run $name $L7 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_b32) run $name $L7 --batch-size 32 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_int8) run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
@@ -49,6 +49,7 @@ for r in "$@"; do
         l2-7b_int4g32) run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128) run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_b8) run $name $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int4g128_b8_triton) LLMOPT_WO_KERNEL=triton run $name $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_int4g32_b8) run $name $L7 --quant int4-g32 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_nf4) run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_fp8) run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
