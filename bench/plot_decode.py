@@ -18,16 +18,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _kernel(r: dict) -> str | None:
+    """The weight-only kernel of a quantised run: recorded (``wo_kernel``, or the environment
+    switch), else the default when it ran: Triton before the regional compile mode existed,
+    tinygemm for int4 (Triton for the rest) after."""
+    if not r.get("quant"):
+        return None
+    kernel = r.get("wo_kernel") or (r.get("env") or {}).get("LLMOPT_WO_KERNEL")
+    if kernel is None:
+        kernel = "tinygemm" if r.get("compile_mode") == "regional" else "triton"
+    if kernel == "tinygemm" and not str(r["quant"]).startswith("int4"):
+        kernel = "triton"  # tinygemm takes int4 only
+    return kernel
+
+
 def _label(r: dict) -> str:
     model = str(r.get("model", "?")).removeprefix("preset:")
     quant = r.get("quant") or "bf16"
-    env = r.get("env") or {}
-    kernel = env.get("LLMOPT_WO_KERNEL")
-    if kernel and quant != "bf16":
+    kernel = _kernel(r)
+    if kernel:
         quant = f"{quant} ({kernel})"
     gpu = str(r.get("device", "")).replace("NVIDIA ", "")
-    batch = (r.get("config") or {}).get("batch_size", 1)
-    return f"{model} {quant}, b{batch}, {gpu}"
+    cfg = r.get("config") or {}
+    mode = {"regional": "regional", "reduce-overhead": "whole"}.get(r.get("compile_mode"), r.get("compile_mode"))
+    extra = f", ctx {cfg['prompt_len']}" if cfg.get("prompt_len", 5) > 5 else ""
+    extra += ", fused" if r.get("fuse_projections") else ""
+    return f"{model} {quant}, b{cfg.get('batch_size', 1)}{extra}, {mode}, {gpu}"
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
@@ -53,10 +69,10 @@ def plot(runs: list[dict], out: Path) -> None:
     y = range(len(runs))
     ax.barh(y, roof, color="#d9d9d9", label="roofline (bytes per step / measured copy bandwidth)")
     ax.barh(y, got, height=0.5, color="#1f77b4", label="measured decode tokens/s")
-    for i, (g, rf) in enumerate(zip(got, roof)):
+    for i, (g, rf) in enumerate(zip(got, roof, strict=True)):
         ax.text(g, i, f" {g:.0f} ({100 * g / rf:.0f}%)", va="center", fontsize=8)
     ax.set_yticks(list(y), labels, fontsize=8)
-    ax.set_xlabel("decode tokens/s per sequence (random-weight presets; each run's JSON gives its shape)")
+    ax.set_xlabel("decode tokens/s per sequence (random-weight presets)")
     ax.set_title("llmopt decode against the memory-bandwidth roofline")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()

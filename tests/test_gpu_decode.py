@@ -105,7 +105,12 @@ def test_regional_compile_captured_step_equals_eager() -> None:
 def test_regional_compiled_speculation_on_gpu() -> None:
     """Speculation with captured regional graphs (verify at widths 1 and k+1, the draft's step):
     greedy output equals plain decoding's."""
-    from llmopt.speculative import ReplayDrafter, SpeculativeConfig, SpeculativeGenerator, build_drafter
+    from llmopt.speculative import (
+        ReplayDrafter,
+        SpeculativeConfig,
+        SpeculativeGenerator,
+        build_drafter,
+    )
 
     model = _tiny_cuda(torch.float32)
     model.set_attention_backend("triton")

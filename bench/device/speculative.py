@@ -68,7 +68,7 @@ class Peaked:
         nxt = ((tokens * 7919 + 13) % self.vocab)[..., None]  # [B, (T,) 1]
         return out.scatter_add(-1, nxt, torch.full(nxt.shape, self.PEAK, dtype=out.dtype, device=out.device))
 
-    def __enter__(self) -> "Peaked":
+    def __enter__(self) -> Peaked:
         if self.enabled:
             self.handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
         return self

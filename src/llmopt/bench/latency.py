@@ -94,7 +94,7 @@ def weight_bytes_read_per_token(model: nn.Module) -> int:
     total = 0
     embed = model.model.embed_tokens
     tied = model.config.tie_word_embeddings
-    for mod_name, mod in model.named_modules():
+    for _, mod in model.named_modules():
         if mod is embed and not tied:
             continue
         tensors = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))

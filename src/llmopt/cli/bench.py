@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         # switches that change what runs (kernel choice, tuning) belong with the number
         out["env"] = {k: v for k, v in sorted(os.environ.items())
                       if k.startswith("LLMOPT_") and k != "LLMOPT_CACHE"}
+        if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
+            from llmopt.quant.kernels import gpu_kernel_choice
+
+            out["wo_kernel"] = gpu_kernel_choice()
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(out, indent=2))
     return 0

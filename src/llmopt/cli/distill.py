@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="teacher layers that seed the student's (default: evenly spread)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="also train embeddings/head copied from the teacher (frozen by default)")
+    p.add_argument("--on-policy", type=float, default=0.0,
+                   help="fraction of each batch taken from the teacher's own greedy continuations "
+                        "of corpus prompts (what a draft must predict) instead of the text itself")
+    p.add_argument("--policy-prompts", type=int, default=256,
+                   help="continuations generated before training (with --on-policy)")
+    p.add_argument("--policy-prompt-len", type=int, default=64)
+    p.add_argument("--policy-new-tokens", type=int, default=96)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (loadable as --draft DIR)")
@@ -50,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
         temperature=args.distill_temperature, init=args.init, init_layers=args.init_layers,
         freeze_embeddings=not args.train_embeddings, checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
+        seed=args.seed, on_policy=args.on_policy, policy_prompts=args.policy_prompts,
+        policy_prompt_len=args.policy_prompt_len, policy_new_tokens=args.policy_new_tokens,
     )
     corpus = Path(args.corpus)
     if not corpus.is_file():
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     summary = distill(teacher.model, teacher.tokenizer, text, cfg, out, teacher.device,
                       progress=progress_enabled(), meta=meta)
     print(json.dumps({k: summary[k] for k in ("student_params", "held_out_before", "held_out_after",
-                                              "train_seconds")}))
+                                              "held_out_policy_after", "train_seconds")}))
     print(f"wrote {out} (use it with: llmopt generate --model {args.teacher} --draft {out})",
           file=sys.stderr)
     return 0

@@ -11,7 +11,11 @@ from torch import nn
 
 from llmopt.quant.api import QuantConfig, check_group_size, check_layers_fit, swap_linears
 from llmopt.quant.linear import Int8Linear
-from llmopt.quant.primitives import group_minmax_params, quantize_groupwise, quantize_int8_per_channel
+from llmopt.quant.primitives import (
+    group_minmax_params,
+    quantize_groupwise,
+    quantize_int8_per_channel,
+)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,13 @@ class DistillConfig:
     checkpoint_every: int = 100
     eval_batches: int = 4
     seed: int = 0
+    # On-policy data: this fraction of each batch's rows comes from the teacher's own greedy
+    # continuations of corpus prompts (what a draft is asked to predict at decode time) instead
+    # of human text, whose next tokens the teacher often does not choose.
+    on_policy: float = 0.0
+    policy_prompts: int = 256  # continuations generated before training
+    policy_prompt_len: int = 64
+    policy_new_tokens: int = 96
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -68,6 +75,15 @@ class DistillConfig:
             raise UserError(f"--init must be teacher or random, got {self.init!r}")
         if self.init_layers not in ("spread", "first"):
             raise UserError(f"--init-layers must be spread or first, got {self.init_layers!r}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise UserError(f"--on-policy must be a fraction in [0, 1], got {self.on_policy}")
+        if self.on_policy > 0:
+            if self.policy_prompts < 1 or self.policy_prompt_len < 1 or self.policy_new_tokens < 1:
+                raise UserError("--policy-prompts, --policy-prompt-len and --policy-new-tokens must be >= 1")
+            if self.policy_prompt_len + self.policy_new_tokens < self.seq_len + 1:
+                raise UserError(
+                    f"--policy-prompt-len + --policy-new-tokens must be at least --seq-len + 1 "
+                    f"({self.seq_len + 1}), got {self.policy_prompt_len + self.policy_new_tokens}")
 
 
 def student_config(teacher: ModelConfig, cfg: DistillConfig) -> ModelConfig:
@@ -193,6 +209,52 @@ class TokenWindows:
                 for i in range(0, min(n, batch_size * count), batch_size)]
 
 
+class PolicySequences:
+    """The teacher's greedy continuations of prompts cut from a token stream: [N, P + G] token
+    ids, drawn from as random windows of seq_len + 1 (so the prompt's end is sometimes in view)."""
+
+    def __init__(self, seqs: torch.Tensor, seq_len: int, seed: int) -> None:
+        self.seqs, self.seq_len = seqs, seq_len
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    @classmethod
+    def generate(cls, teacher: nn.Module, stream: torch.Tensor, cfg: DistillConfig, count: int,
+                 device: torch.device, seed: int, progress: bool = False) -> PolicySequences:
+        from tqdm import tqdm
+
+        from llmopt.engine.generate import Generator
+        from llmopt.sampling import SamplingParams
+
+        plen, glen = cfg.policy_prompt_len, cfg.policy_new_tokens
+        if len(stream) < plen + 1:
+            raise UserError(f"the corpus is too short for --policy-prompt-len {plen}")
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(stream) - plen, (count,), generator=g)
+        prompts = stream[starts[:, None] + torch.arange(plen)]  # [N, P]
+        gen = Generator(teacher, None, device)
+        params = SamplingParams(max_new_tokens=glen, temperature=0, ignore_eos=True)
+        rows: list[list[int]] = []
+        batch = 32
+        for i in tqdm(range(0, count, batch), desc="teacher continuations", disable=not progress,
+                      unit="batch"):
+            chunk = prompts[i : i + batch].tolist()
+            outs = gen.generate(chunk, params)
+            rows.extend(p + o.token_ids for p, o in zip(chunk, outs, strict=True))
+        teacher.clear_caches()
+        return cls(torch.tensor(rows, dtype=torch.long), cfg.seq_len, seed)
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        n, length = self.seqs.shape
+        rows = torch.randint(0, n, (batch_size,), generator=self.gen)
+        offs = torch.randint(0, length - self.seq_len, (batch_size,), generator=self.gen)
+        return self.seqs[rows[:, None], offs[:, None] + torch.arange(self.seq_len + 1)]  # [B, T+1]
+
+    def eval_batches(self, batch_size: int) -> list[torch.Tensor]:
+        """Every sequence's last seq_len + 1 tokens (mostly the teacher's own continuation)."""
+        tail = self.seqs[:, -(self.seq_len + 1):]
+        return [tail[i : i + batch_size] for i in range(0, len(tail), batch_size)]
+
+
 def lr_lambda(cfg: DistillConfig) -> object:
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -276,9 +338,21 @@ def distill(
     ids = tokenizer.encode(corpus_text, add_special_tokens=False)
     data = TokenWindows(ids, cfg.seq_len, cfg.seed)
     held = data.eval_batches(cfg.batch_size, cfg.eval_batches)
+    policy = held_policy = None
+    t_gen = time.perf_counter()
+    if cfg.on_policy > 0:
+        # Training prompts from the training part, evaluation prompts from the held-out tail.
+        policy = PolicySequences.generate(teacher, data.train, cfg, cfg.policy_prompts, device,
+                                          cfg.seed, progress)
+        held_policy = PolicySequences.generate(teacher, data.held, cfg,
+                                               cfg.batch_size * cfg.eval_batches, device,
+                                               cfg.seed + 7).eval_batches(cfg.batch_size)
+    gen_s = time.perf_counter() - t_gen
+    n_policy = round(cfg.batch_size * cfg.on_policy)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.eval()
     before = evaluate(student, teacher, held, cfg, device)
+    before_policy = evaluate(student, teacher, held_policy, cfg, device) if held_policy else None
     student.train()
     log.info("student %s; copied %d tensors from the teacher; held-out before: %s",
              s_config, len(copied), before)
@@ -291,7 +365,12 @@ def distill(
     last_ckpt: Path | None = None
     bar = tqdm(range(cfg.steps), desc="distill", disable=not progress, unit="step")
     for step in bar:
-        batch = data.batch(cfg.batch_size).to(device)  # [B, T+1]
+        parts_b = []
+        if n_policy < cfg.batch_size:
+            parts_b.append(data.batch(cfg.batch_size - n_policy))
+        if policy is not None and n_policy > 0:
+            parts_b.append(policy.batch(n_policy))
+        batch = torch.cat(parts_b).to(device)  # [B, T+1]
         x, y = batch[:, :-1], batch[:, 1:]
         with torch.no_grad():
             t_logits = teacher(x)  # [B, T, V]
@@ -319,6 +398,7 @@ def distill(
     train_s = time.perf_counter() - t0
     student.eval().requires_grad_(False)
     after = evaluate(student, teacher, held, cfg, device)
+    after_policy = evaluate(student, teacher, held_policy, cfg, device) if held_policy else None
     save_student(student, tokenizer, out_dir, gen_cfg)
     summary: dict[str, object] = {
         **(meta or {}),
@@ -330,6 +410,10 @@ def distill(
         "corpus_tokens": len(ids),
         "held_out_before": before,
         "held_out_after": after,
+        # on the teacher's own greedy continuations of held-out prompts (on-policy runs only)
+        "held_out_policy_before": before_policy,
+        "held_out_policy_after": after_policy,
+        "teacher_generation_seconds": round(gen_s, 1),
         "train_seconds": round(train_s, 1),
         "loss_first": history[0] if history else None,
         "loss_last": history[-1] if history else None,

@@ -1,0 +1,62 @@
+"""Distilling a draft (llmopt distill): the KL to the teacher falls, on-policy data is the
+teacher's own greedy text, and the student works as an exact speculative draft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.engine.generate import Generator
+from llmopt.errors import UserError
+from llmopt.sampling import SamplingParams
+from llmopt.speculative import SpeculativeConfig, SpeculativeGenerator, build_drafter
+from llmopt.speculative.distill import DistillConfig, PolicySequences, distill
+
+CPU = torch.device("cpu")
+TEXT = " ".join(
+    f"Chapter {i}. The rain had not stopped since morning, and Mr. Knightley walked to Hartfield "
+    f"with a letter number {i} in his pocket, thinking of what {['Emma', 'Harriet', 'Jane'][i % 3]} "
+    f"would say when she read it by the fire." for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def teacher(default_model_dir: str):
+    from llmopt.loading.loader import load_model
+
+    return load_model(default_model_dir, device="cpu", progress=False)
+
+
+def test_policy_sequences_are_the_teachers_greedy_continuations(teacher) -> None:
+    cfg = DistillConfig(num_layers=1, seq_len=16, on_policy=1.0, policy_prompt_len=12, policy_new_tokens=10)
+    stream = torch.tensor(teacher.tokenizer.encode(TEXT, add_special_tokens=False))
+    pol = PolicySequences.generate(teacher.model, stream, cfg, 3, CPU, seed=0)
+    assert pol.seqs.shape == (3, 22)
+    with torch.no_grad():
+        logits = teacher.model(pol.seqs[:, :-1])  # full forward, no cache: [3, 21, V]
+    assert torch.equal(logits[:, 11:].argmax(-1), pol.seqs[:, 12:])
+    b = pol.batch(5)
+    assert b.shape == (5, 17)
+    assert all(any(torch.equal(row, s[o : o + 17]) for s in pol.seqs for o in range(6)) for row in b)
+
+
+def test_distill_lowers_kl_and_the_student_drafts_exactly(teacher, tmp_path) -> None:
+    cfg = DistillConfig(num_layers=2, steps=8, batch_size=2, seq_len=32, lr=2e-3, warmup_steps=1,
+                        checkpoint_every=0, eval_batches=2, on_policy=0.5, policy_prompts=4,
+                        policy_prompt_len=16, policy_new_tokens=24)
+    out = tmp_path / "student"
+    summary = distill(teacher.model, teacher.tokenizer, TEXT, cfg, out, CPU, progress=False)
+    assert summary["held_out_after"]["kl"] < summary["held_out_before"]["kl"]
+    assert summary["held_out_policy_after"]["kl"] < summary["held_out_policy_before"]["kl"]
+    drafter = build_drafter(str(out), teacher.model, teacher.tokenizer, progress=False)
+    prompt = teacher.tokenizer.encode("It is a truth universally acknowledged, that")
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    plain = Generator(teacher.model, teacher.tokenizer, CPU).generate([prompt], params)[0]
+    gen = SpeculativeGenerator(teacher.model, teacher.tokenizer, CPU, drafter, SpeculativeConfig(k=3))
+    assert gen.generate([prompt], params)[0].token_ids == plain.token_ids
+
+
+def test_distill_config_rejects_bad_on_policy_settings() -> None:
+    with pytest.raises(UserError, match="on-policy"):
+        DistillConfig(num_layers=1, on_policy=1.5)
+    with pytest.raises(UserError, match="seq-len"):
+        DistillConfig(num_layers=1, seq_len=128, on_policy=0.5, policy_prompt_len=16, policy_new_tokens=16)
