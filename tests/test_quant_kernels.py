@@ -104,20 +104,32 @@ def test_triton_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], 
         torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=tol)
 
 
+def _gemv_args(fmt: str, args: tuple) -> tuple:
+    """(w, s, z, lut, FMT, group) for triton_wo.gemv from a _formats() entry."""
+    from llmopt.quant.kernels import triton_wo as T
+
+    if fmt in ("int8", "fp8"):
+        return args[0], args[1], args[1], args[1], {"int8": T.FMT_INT8, "fp8": T.FMT_FP8}[fmt], 1 << 30
+    if fmt == "nf4":
+        return args[0], args[1], args[1], T.nf4_codebook().to(args[1].device), T.FMT_NF4, args[2]
+    return args[0], args[1], args[2], args[1], {"int4": T.FMT_INT4, "int8g": T.FMT_INT8G}[fmt], args[3]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int4_gemv_kernel_matches_reference(shape: tuple[int, int, int]) -> None:
-    """The one-row int4 kernel (LLMOPT_WO_KERNEL=triton-gemv) against float64 dequantise-matmul."""
+def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int]) -> None:
+    """The one-row kernels (LLMOPT_WO_KERNEL=triton-gemv) against float64 dequantise-matmul."""
     from llmopt.quant.kernels import triton_wo
 
     n, k, group = shape
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
-    q, s, z, grp = _formats(w, group)["int4"]
-    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    args = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
+                 else a for a in _formats(w, group)[fmt])
     x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
-    y = triton_wo.int4_gemv(x, q, s, z, grp)
-    expect = x.double() @ _dequant("int4", (q, s, z, grp), k).t()
+    y = triton_wo.gemv(x, *_gemv_args(fmt, args))
+    expect = x.double() @ _dequant(fmt, args, k).t()
     assert y.shape == (1, n) and y.dtype == torch.bfloat16
     assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2
 
@@ -197,7 +209,7 @@ _INTERPRET_SCRIPT = r'''
 import sys, torch, triton
 from llmopt.quant.kernels import triton_wo as T
 sys.path.insert(0, sys.argv[1])
-from test_quant_kernels import _dequant, _formats
+from test_quant_kernels import _dequant, _formats, _gemv_args
 
 torch.manual_seed(0)
 kern = T._wo_matmul_kernel.fn  # under the interpreter the autotuner cannot benchmark: every config by hand
@@ -225,17 +237,24 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
                            GROUP=grp, BLOCK_M=T.BLOCK_M, **kw)
                 err = ((out.double() - expect).norm() / expect.norm()).item()
                 worst[fmt] = max(worst.get(fmt, 0.0), err)
-    # the one-row int4 kernel (LLMOPT_WO_KERNEL=triton-gemv)
-    wt, s4, z4, grp = (a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in formats["int4"])
+    # the one-row kernels (LLMOPT_WO_KERNEL=triton-gemv), every config
     x = torch.randn(k, dtype=torch.float16)
-    expect = x.double() @ _dequant("int4", (wt, s4, z4, grp), k).t()
-    for cfg in T._gemv_configs():
-        kw = cfg.kwargs
-        out = torch.zeros((n,), dtype=torch.float32)
-        grid = (triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
-        T._int4_gemv_kernel.fn[grid](x, wt, s4, z4, out, n, k, GROUP=grp, BLOCK_K=T.gemv_block_k(grp), **kw)
-        err = ((out.double() - expect).norm() / expect.norm()).item()
-        worst["int4-gemv"] = max(worst.get("int4-gemv", 0.0), err)
+    for fmt in FMTS:
+        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in formats[fmt])
+        wt, s, z, lut, code, grp = _gemv_args(fmt, args)
+        expect = x.double() @ _dequant(fmt, args, k).t()
+        packed = fmt in ("int4", "nf4")
+        n_out = wt.shape[1] if packed else wt.shape[0]
+        kern_g = T._packed_gemv_kernel if packed else T._rowmajor_gemv_kernel
+        configs = T._packed_gemv_configs() if packed else T._rowmajor_gemv_configs()
+        for cfg in configs:
+            kw = cfg.kwargs
+            out = torch.zeros((n_out,), dtype=torch.float32)
+            grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"])
+            extra = (lut,) if packed else ()
+            kern_g.fn[grid](x, wt, s, z, *extra, out, n_out, k, FMT=code, GROUP=grp, **kw)
+            err = ((out.double() - expect).norm() / expect.norm()).item()
+            worst[fmt + "-gemv"] = max(worst.get(fmt + "-gemv", 0.0), err)
 print(worst)
 assert all(e < 2e-3 for e in worst.values()), worst
 '''
@@ -258,3 +277,55 @@ def test_triton_kernel_every_config_under_the_interpreter(tmp_path) -> None:
     r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
                        text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+_COMPILE_SCRIPT = r'''
+import re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from llmopt.quant.kernels import triton_wo as T
+
+ptxas = get_ptxas(90)
+ptxas = getattr(ptxas, "path", ptxas)
+C = "constexpr"
+common = {"N": "i32", "K": "i32", "FMT": C, "GROUP": C, "BLOCK_N": C, "BLOCK_K": C, "SPLIT_K": C}
+cases = []
+for cfg in T._packed_gemv_configs():
+    for fmt, grp in ((T.FMT_INT4, 32), (T.FMT_INT4, 128), (T.FMT_NF4, 64)):
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
+               "out_ptr": "*fp32", **common}
+        cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
+for cfg in T._rowmajor_gemv_configs():
+    for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv")):
+        sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*fp32", **common}
+        cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
+spilled = []
+for kern, sig, consts, warps in cases:
+    k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
+    m = re.search(r"(\d+) bytes spill stores", r.stderr)
+    if r.returncode != 0 or (m and int(m.group(1)) > 0):
+        spilled.append((kern.fn.__name__, consts, r.stderr[-300:]))
+print(len(cases), "compiled;", spilled)
+assert not spilled, spilled
+'''
+
+
+def test_gemv_kernels_compile_for_hopper_without_spills(tmp_path) -> None:
+    """Every one-row kernel config compiles for sm_90 (Triton's own compiler and ptxas, no GPU
+    needed) with no register spills; skipped without triton."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = tmp_path / "compile.py"
+    script.write_text(_COMPILE_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])

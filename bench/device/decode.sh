@@ -55,8 +55,14 @@ for r in "$@"; do
         l2-7b_fp8) run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_tinygemm) LLMOPT_WO_KERNEL=tinygemm run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_int8g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int8-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_nf4_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_fp8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        wo_kernels) timeout 300 python3 bench/device/wo_kernels.py --out "$OUT/wo_kernels.json" 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
+        gemv_tests) timeout 200 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "tinygemm or gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;
@@ -72,6 +78,8 @@ out = pathlib.Path(sys.argv[1])
 print(f"{'run':<18} {'tok/s':>7} {'batch':>8} {'roof%':>6} {'GB/s':>6} {'TTFT ms':>8} {'compile':>8} {'start>1st':>9} {'start>run':>9}")
 for f in sorted(out.glob("*.json")):
     r = json.loads(f.read_text())
+    if "decode_tokens_per_s" not in r:
+        continue  # wo_kernels.json: its table is in the log
     print(f"{f.stem:<18} {r['decode_tokens_per_s']:7.1f} {r['total_tokens_per_s']:8.1f} "
           f"{100*(r['roofline_fraction'] or 0):6.1f} {r['achieved_gb_per_s']:6.0f} {1000*r['ttft_s']:8.1f} "
           f"{(r['compile_s'] or 0):8.1f} {r['start_to_first_token_s']:9.1f} {r['start_to_first_run_done_s']:9.1f}")

@@ -39,8 +39,8 @@ def gpu_kernel_choice() -> str:
     the kernel gpt-fast uses; weights repacked at load by ``Int4Linear.prepare_for_device``) and
     the other formats to Triton; ``triton`` sends every format to ``triton_wo.py``; ``torch`` the
     plain-PyTorch path, which torch.compile fuses (dequantise inside inductor's GEMV);
-    ``triton-gemv`` sends int4 at one row to ``triton_wo.int4_gemv`` (no padded tl.dot rows, each
-    packed word loaded once) and everything else to ``triton``."""
+    ``triton-gemv`` sends every format at one row (decode at batch 1) to ``triton_wo.gemv`` (no
+    padded tl.dot rows, large tiles along K) and everything else to ``triton``."""
     choice = os.environ.get("LLMOPT_WO_KERNEL", "tinygemm")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
@@ -73,6 +73,13 @@ def _use_triton(x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] <= SMALL_M)
 
 
+def _one_row(x: torch.Tensor, group_size: int = 1 << 30) -> bool:
+    """LLMOPT_WO_KERNEL=triton-gemv and a single row of activations (a Triton path already)."""
+    # the one-row kernels nest tiles and groups: power-of-two group sizes only
+    return (_GEMV and x.numel() == x.shape[-1] and group_size >= 8
+            and group_size & (group_size - 1) == 0)
+
+
 def _cpu_small(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() // x.shape[-1] <= SMALL_M
 
@@ -81,9 +88,12 @@ def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     if _use_triton(x):
-        from llmopt.quant.kernels.triton_wo import int8_matmul
+        from llmopt.quant.kernels import triton_wo as T
 
-        y = int8_matmul(x, qweight, scales)
+        if _one_row(x):
+            y = T.gemv(x, qweight, scales, scales, scales, T.FMT_INT8, 1 << 30)
+        else:
+            y = T.int8_matmul(x, qweight, scales)
         return y if bias is None else y + bias
     if _cpu_small(x) and hasattr(torch, "_weight_int8pack_mm"):
         # CPU decode: torch's int8 GEMV is 1.35x (fp32) to 10x (bf16) faster than the float
@@ -102,9 +112,12 @@ def int8g_linear(
     """Group-wise asymmetric int8 (``int8-gN``): Triton on CUDA at decode sizes, else dequantise
     and matmul (on CPU, torch.compile fuses the dequantise into its GEMV)."""
     if _use_triton(x):
-        from llmopt.quant.kernels.triton_wo import int8g_matmul
+        from llmopt.quant.kernels import triton_wo as T
 
-        y = int8g_matmul(x, qweight, scales, zeros, group_size)
+        if _one_row(x, group_size):
+            y = T.gemv(x, qweight, scales, zeros, scales, T.FMT_INT8G, group_size)
+        else:
+            y = T.int8g_matmul(x, qweight, scales, zeros, group_size)
         return y if bias is None else y + bias
     return ref.int8g_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -138,12 +151,12 @@ def int4_linear(
     group_size: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if _use_triton(x):
-        from llmopt.quant.kernels.triton_wo import int4_gemv, int4_matmul
+        from llmopt.quant.kernels import triton_wo as T
 
-        if _GEMV and x.numel() == x.shape[-1]:
-            y = int4_gemv(x, qweight, scales, zeros, group_size)
+        if _one_row(x, group_size):
+            y = T.gemv(x, qweight, scales, zeros, scales, T.FMT_INT4, group_size)
         else:
-            y = int4_matmul(x, qweight, scales, zeros, group_size)
+            y = T.int4_matmul(x, qweight, scales, zeros, group_size)
         return y if bias is None else y + bias
     return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -155,9 +168,13 @@ def nf4_linear(
     """``lut``: the 16 NF4 levels on x's device (a module buffer, so compiled graphs see a tensor
     rather than a cached function call)."""
     if _use_triton(x):
-        from llmopt.quant.kernels.triton_wo import nf4_matmul
+        from llmopt.quant.kernels import triton_wo as T
 
-        y = nf4_matmul(x, qweight, absmax, block_size, lut)
+        if _one_row(x, block_size):
+            lut = T._nf4_lut(x.device) if lut is None else lut
+            y = T.gemv(x, qweight, absmax, absmax, lut, T.FMT_NF4, block_size)
+        else:
+            y = T.nf4_matmul(x, qweight, absmax, block_size, lut)
         return y if bias is None else y + bias
     return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias, lut)
 
@@ -172,8 +189,11 @@ def fp8_linear(
         y = fp8_scaled_mm(x, qweight, scales)
         return y if bias is None else y + bias
     if _use_triton(x):
-        from llmopt.quant.kernels.triton_wo import fp8_matmul
+        from llmopt.quant.kernels import triton_wo as T
 
-        y = fp8_matmul(x, qweight, scales)
+        if _one_row(x):
+            y = T.gemv(x, qweight, scales, scales, scales, T.FMT_FP8, 1 << 30)
+        else:
+            y = T.fp8_matmul(x, qweight, scales)
         return y if bias is None else y + bias
     return ref.fp8_linear_ref(x, qweight, scales, bias)

@@ -113,25 +113,44 @@ def _wo_matmul_kernel(
         tl.atomic_add(out_ptrs, acc, mask=omask)
 
 
-def _gemv_configs() -> list[triton.Config]:
-    # (BLOCK_N, SPLIT_K, num_warps); BLOCK_K is min(group, 128), fixed by the launcher
-    table = [(64, 1, 4), (64, 4, 4), (128, 2, 4), (128, 4, 8), (32, 8, 2), (256, 2, 8)]
-    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w) for bn, sk, w in table]
+# -- one-row kernels (decode at batch 1; LLMOPT_WO_KERNEL=triton-gemv) ----------------------------
+# No tl.dot (whose 16-row tile wastes 15 rows at batch 1), and big tiles along K, so that each
+# iteration has kilobytes of weights in flight: the matmul kernel's small tiles (2-4 KB per step)
+# left the int4 path latency-bound at 0.4-0.6 TB/s on an H200. A tile covers whole quantisation
+# groups (BLOCK_K a multiple of GROUP) or lies inside one (GROUP a multiple of BLOCK_K), so the
+# zero point comes out of each group's sum: sum_k (q - z) s x = s (sum_k q x - z sum_k x).
+# Tiles and groups are powers of two (callers check the group size), so one always nests in the
+# other.
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "GROUP"], reset_to_zero=["out_ptr"])
+def _packed_gemv_configs() -> list[triton.Config]:
+    # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps): BLOCK_K x BLOCK_N / 2 bytes of codes per iteration
+    # (tiles whose registers spilled in ptxas for sm_90 were left out)
+    table = [(64, 256, 4, 4), (128, 256, 2, 8), (32, 512, 4, 8), (32, 512, 4, 4), (128, 128, 4, 4),
+             (256, 64, 4, 8), (32, 256, 8, 4), (64, 128, 8, 4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
+            for bn, bk, sk, w in table]
+
+
+def _rowmajor_gemv_configs() -> list[triton.Config]:
+    # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps): BLOCK_N rows of BLOCK_K contiguous bytes per iteration
+    table = [(16, 512, 1, 4), (32, 256, 1, 4), (8, 1024, 1, 4), (16, 512, 2, 4), (32, 256, 2, 8),
+             (64, 128, 1, 8), (16, 1024, 2, 8), (4, 2048, 1, 4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
+            for bn, bk, sk, w in table]
+
+
+@triton.autotune(configs=_packed_gemv_configs(), key=["N", "K", "FMT", "GROUP"], reset_to_zero=["out_ptr"])
 @triton.jit
-def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+def _packed_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """One row of x (decode at batch 1) against int4 codes [K/8, N]: no tl.dot, no padded rows.
-
-    Each packed int32 word is loaded once and split into its 8 codes by broadcasting shifts
-    ([BK/8, 8, BN]); x is viewed as [BK/8, 8] in the same order. A tile lies inside one group
-    (BLOCK_K <= GROUP), so the zero point comes out of the sum:
-    sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x).
-    """
+    """x [K] against 4-bit codes [K/8, N] (int4 or nf4): each int32 word loaded once and split into
+    its 8 codes by broadcast shifts ([BK/8, 8, BN]), then viewed per group as [NG, GK, BN]."""
+    NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups per tile
+    GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K  # of the tile's k, per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,40 +163,88 @@ def _int4_gemv_kernel(
         k0 = k_start + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # [BK]
-        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # packed words along K
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         q = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
                     mask=(rows[:, None] < K // 8) & mask_n[None, :], other=0)  # [BK/8, BN]
         codes = (q[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN]
-        x3 = tl.reshape(x, (BLOCK_K // 8, 8))
-        dot = tl.sum(tl.sum(codes.to(tl.float32) * x3[:, :, None], axis=1), axis=0)  # [BN]
-        in_k = mask_n & ((offs_n * 0 + k0) < K)  # a split's last tiles may lie past K
-        g = k0 // GROUP
-        sc = tl.load(s_ptr + g * N + offs_n, mask=in_k, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + g * N + offs_n, mask=in_k, other=0.0).to(tl.float32)
-        acc += sc * (dot - zp * tl.sum(x, axis=0))
+        codes = tl.reshape(codes, (NG, GK, BLOCK_N))
+        x3 = tl.reshape(x, (NG, GK))
+        g = k0 // GROUP + tl.arange(0, NG)
+        gmask = ((g * GROUP)[:, None] < K) & mask_n[None, :]
+        sc = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+        if FMT == 1:
+            dot = tl.sum(codes.to(tl.float32) * x3[:, :, None], axis=1)  # [NG, BN]
+            zp = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            acc += tl.sum(sc * (dot - zp * tl.sum(x3, axis=1)[:, None]), axis=0)
+        else:
+            w = tl.load(lut_ptr + codes).to(tl.float32)  # [NG, GK, BN]
+            acc += tl.sum(sc * tl.sum(w * x3[:, :, None], axis=1), axis=0)
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc, mask=mask_n)
     else:
         tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n)
 
 
-def gemv_block_k(group_size: int) -> int:
-    return min(group_size, 128)
+@triton.autotune(configs=_rowmajor_gemv_configs(), key=["N", "K", "FMT", "GROUP"], reset_to_zero=["out_ptr"])
+@triton.jit
+def _rowmajor_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """x [K] against one byte per weight, w [N, K] (int8, fp8, int8g): each program reads
+    BLOCK_N rows of BLOCK_K contiguous bytes per iteration and reduces along K."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for kk in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0 if FMT == 3 else 0).to(tl.float32)  # [BN, BK]
+        if FMT == 4:
+            NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
+            GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
+            x3 = tl.reshape(x, (NG, GK))
+            dot = tl.sum(tl.reshape(w, (BLOCK_N, NG, GK)) * x3[None, :, :], axis=2)  # [BN, NG]
+            g = k0 // GROUP + tl.arange(0, NG)
+            gmask = mask_n[:, None] & ((g * GROUP)[None, :] < K)
+            sc = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
+            acc += tl.sum(sc * (dot - zp * tl.sum(x3, axis=1)[None, :]), axis=1)
+        else:
+            acc += tl.sum(w * x[None, :], axis=1)
+    if FMT != 4:  # per-channel scale after the sum
+        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, acc, mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n)
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int) -> torch.Tensor:
-    """x [..., K] holding one row @ W.T, W from codes [K/8, N] and scales/zeros [G, N]."""
+def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
+         fmt: int, group: int) -> torch.Tensor:
+    """x [..., K] holding one row, against any weight-only format (``FMT_*``); int4/nf4 codes
+    [K/8, N], the byte formats [N, K]; scales (and zeros) [G, N], per-channel ones [N]."""
     k = x.shape[-1]
-    n = qweight.shape[1]
+    packed = fmt in (FMT_INT4, FMT_NF4)
+    n = w.shape[1] if packed else w.shape[0]
     x1 = x.reshape(k).contiguous()
     out = torch.zeros((n,), device=x.device, dtype=torch.float32)
 
     def grid(meta: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    _int4_gemv_kernel[grid](x1, qweight, scales, zeros, out, n, k, GROUP=group_size,
-                            BLOCK_K=gemv_block_k(group_size))
+    if packed:
+        _packed_gemv_kernel[grid](x1, w, s, z, lut, out, n, k, FMT=fmt, GROUP=group)
+    else:
+        _rowmajor_gemv_kernel[grid](x1, w, s, z, out, n, k, FMT=fmt, GROUP=group)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
