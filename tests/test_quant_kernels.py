@@ -255,6 +255,15 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
             kern_g.fn[grid](x, wt, s, z, *extra, out, n_out, k, FMT=code, GROUP=grp, **kw)
             err = ((out.double() - expect).norm() / expect.norm()).item()
             worst[fmt + "-gemv"] = max(worst.get(fmt + "-gemv", 0.0), err)
+    dense = (torch.randn(n, k) * 0.05).half()
+    expect = x.double() @ dense.double().t()
+    for cfg in T._rowmajor_gemv_configs():
+        kw = cfg.kwargs
+        out = torch.zeros((n,), dtype=torch.float32)
+        grid = (triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
+        T._rowmajor_gemv_kernel.fn[grid](x, dense, dense, dense, out, n, k, FMT=T.FMT_DENSE, GROUP=1 << 30, **kw)
+        err = ((out.double() - expect).norm() / expect.norm()).item()
+        worst["dense-gemv"] = max(worst.get("dense-gemv", 0.0), err)
 print(worst)
 assert all(e < 2e-3 for e in worst.values()), worst
 '''
@@ -298,7 +307,8 @@ for cfg in T._packed_gemv_configs():
                "out_ptr": "*fp32", **common}
         cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
 for cfg in T._rowmajor_gemv_configs():
-    for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv")):
+    for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
+                         (T.FMT_DENSE, 1 << 30, "*bf16")):
         sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*fp32", **common}
         cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
 spilled = []

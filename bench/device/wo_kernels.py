@@ -80,6 +80,14 @@ def main() -> int:
             base_us = _time_us(partial(F.linear, x, bf16))
             rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": "cublas", "us": base_us,
                              "bytes": 2 * n * k, "gb_per_s": 2 * n * k / base_us / 1e3})
+            if m == 1:  # the one-row kernel on unquantised weights: could it replace cuBLAS?
+                dense = partial(T.gemv, x, bf16, bf16, bf16, bf16, T.FMT_DENSE, 1 << 30)
+                err = ((dense().double() - x.double() @ bf16.double().t()).norm()
+                       / (x.double() @ bf16.double().t()).norm()).item()
+                us = _time_us(dense)
+                rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": "triton-gemv",
+                                 "us": us, "bytes": 2 * n * k, "gb_per_s": 2 * n * k / us / 1e3,
+                                 "vs_bf16": base_us / us, "relative_error": err})
             for fmt, fargs in formats.items():
                 fargs = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point()
                               and a.element_size() > 1 else a for a in fargs)

@@ -28,6 +28,7 @@ import triton.language as tl
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
+FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
 
 
@@ -192,8 +193,9 @@ def _rowmajor_gemv_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """x [K] against one byte per weight, w [N, K] (int8, fp8, int8g): each program reads
-    BLOCK_N rows of BLOCK_K contiguous bytes per iteration and reduces along K."""
+    """x [K] against row-major weights w [N, K] (int8, fp8, int8g; FMT_DENSE: plain bf16/fp16,
+    the baseline the quantised formats are measured against): each program reads BLOCK_N rows
+    of BLOCK_K contiguous weights per iteration and reduces along K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,7 +209,7 @@ def _rowmajor_gemv_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0 if FMT == 3 else 0).to(tl.float32)  # [BN, BK]
+                    other=0.0 if FMT == 3 or FMT == 5 else 0).to(tl.float32)  # [BN, BK]
         if FMT == 4:
             NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
             GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
@@ -220,7 +222,7 @@ def _rowmajor_gemv_kernel(
             acc += tl.sum(sc * (dot - zp * tl.sum(x3, axis=1)[None, :]), axis=1)
         else:
             acc += tl.sum(w * x[None, :], axis=1)
-    if FMT != 4:  # per-channel scale after the sum
+    if FMT == 0 or FMT == 3:  # per-channel scale after the sum
         acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc, mask=mask_n)
@@ -231,7 +233,8 @@ def _rowmajor_gemv_kernel(
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
          fmt: int, group: int) -> torch.Tensor:
     """x [..., K] holding one row, against any weight-only format (``FMT_*``); int4/nf4 codes
-    [K/8, N], the byte formats [N, K]; scales (and zeros) [G, N], per-channel ones [N]."""
+    [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and zeros) [G, N], per-channel
+    ones [N]; with FMT_DENSE, s, z and lut are not read."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
