@@ -96,6 +96,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch._dynamo.reset()
         gen = Generator(shard, None, dev, compile=True, max_seq_len=64)
         res[f"compiled_{mode}_tokens_equal"] = gen.generate(ids, sp)[0].token_ids == ref_tokens
+    # regional compile under TP: compiled layers (functional collectives), the step captured
+    # whole by CapturedStep, the all-reduces inside that graph
+    tp_comm.disable_symm_mem()
+    torch._dynamo.reset()
+    try:
+        gen = Generator(shard, None, dev, compile=True, compile_mode="regional", max_seq_len=64)
+        res["regional_nccl_tokens_equal"] = gen.generate(ids, sp)[0].token_ids == ref_tokens
+    except Exception as e:  # recorded, so the other results still come back
+        res["regional_nccl_tokens_equal"] = f"{type(e).__name__}: {str(e)[:300]}"
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
     shutdown_tp(barrier=True)
 
@@ -123,3 +132,8 @@ def test_tp2_logits_and_tokens_on_gpus(gpu_results: list[dict[str, Any]]) -> Non
         assert res["eager_tokens_equal"]
         assert res["compiled_nccl_tokens_equal"]
         assert res["compiled_symm-one-shot_tokens_equal"]
+
+
+def test_tp2_regional_compiled_decode_on_gpus(gpu_results: list[dict[str, Any]]) -> None:
+    for res in gpu_results:
+        assert res["regional_nccl_tokens_equal"] is True, res["regional_nccl_tokens_equal"]

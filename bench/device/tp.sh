@@ -8,6 +8,7 @@
 #      in one CUDA graph (no compiler, quick to set up); mode "compile" = the project's compiled
 #      decode (engine.generate.Generator(compile=True), reduce-overhead), run if time remains.
 # Usage (device tool, kind nvidia-h200-x2): bash bench/device/tp.sh        (about 7-8 minutes)
+#   TP_PLAN=regional bash bench/device/tp.sh: GPU tests, then decode with --mode regional instead
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
@@ -35,6 +36,17 @@ step() {  # name, min-seconds-needed, args...
     cat "$OUT/step.log" >> "$LOG"; tail -n 12 "$OUT/step.log"; rm -f "$OUT/step.log"
 }
 
+if [ "${TP_PLAN:-graph}" = regional ]; then
+    # Regional compilation (one compiled layer for all, the step captured whole): short cold
+    # compiles, so 13B and 70B fit a call. GPU tests first (TP=2 regional against TP=1 included).
+    timeout 240 python3 -m pytest -q -m gpu tests/test_parallel_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee -a "$LOG"
+    step tp1_regional 90 decode --tp 1 --model preset:llama-2-7b --model preset:llama-2-13b --mode regional
+    step tp2_regional 150 decode --tp 2 --model preset:llama-2-7b --model preset:llama-2-13b \
+        --model preset:llama-2-70b --mode regional --allreduce nccl --allreduce symm-one-shot
+    echo "=== summary"
+    $B summary "$OUT"/*.json | tee "$OUT/summary.txt"
+    exit 0
+fi
 step allreduce 30 allreduce --tp 2 --numel 4096 --numel 65536
 step tp1_graph 60 decode --tp 1 --model preset:llama-2-7b --model preset:llama-2-13b --mode graph
 step tp2_graph 90 decode --tp 2 --model preset:llama-2-7b --model preset:llama-2-13b --model preset:llama-2-70b \

@@ -11,7 +11,9 @@ right sum first; plus the device-to-device copy bandwidth.
 ``decode``: batch-1 greedy decode of random-weight presets (5-token prompt, 200 new tokens;
 median of 3 runs). Modes: ``eager``; ``graph`` (the eager decode step captured in one CUDA graph,
 no compiler: cheap to set up); ``compile`` (``engine.generate.Generator(compile=True)``, the
-project's compiled decode, when that exists). Started with ``--tp N`` and no launcher variables,
+project's compiled decode: whole-step reduce-overhead under TP); ``regional`` (the same with
+``compile_mode="regional"``: one compiled layer for all, the step captured as one CUDA graph,
+collectives included; a short cold compile for 13B and 70B). Started with ``--tp N`` and no launcher variables,
 it launches its own N ranks.
 """
 
@@ -203,6 +205,7 @@ def _decode_compiled(
     dev: torch.device,
     tp: TPContext | None,
     runs: int,
+    compile_mode: str = "auto",
 ) -> tuple[list[float], float]:
     """The project's compiled decode (``Generator(compile=True)``); (tok/s per run, compile s)."""
     import inspect
@@ -212,7 +215,7 @@ def _decode_compiled(
 
     if "compile" not in inspect.signature(Generator.__init__).parameters:
         raise RuntimeError("this checkout's Generator has no compile option")
-    gen = Generator(model, None, dev, compile=True, max_seq_len=cache_len)
+    gen = Generator(model, None, dev, compile=True, compile_mode=compile_mode, max_seq_len=cache_len)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ids = [prompt[0].tolist()]
     _barrier(tp)
@@ -297,10 +300,11 @@ def bench_decode(
                             )
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
-                    if mode == "compile":
+                    if mode in ("compile", "regional"):
                         torch._dynamo.reset()
                         speeds, compile_s = _decode_compiled(
-                            model, prompt, args.new_tokens, cache_len, dev, tp, args.runs
+                            model, prompt, args.new_tokens, cache_len, dev, tp, args.runs,
+                            "regional" if mode == "regional" else "auto",
                         )
                         r["compile_s"] = round(compile_s, 1)
                     else:
@@ -406,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--graph-calls", type=int, default=100)
     d = sub.add_parser("decode")
     d.add_argument("--model", action="append", required=True)
-    d.add_argument("--mode", action="append", choices=("eager", "graph", "compile"), default=None)
+    d.add_argument("--mode", action="append", choices=("eager", "graph", "compile", "regional"),
+                   default=None)
     d.add_argument(
         "--allreduce",
         action="append",
