@@ -60,3 +60,10 @@ def test_distill_config_rejects_bad_on_policy_settings() -> None:
         DistillConfig(num_layers=1, on_policy=1.5)
     with pytest.raises(UserError, match="seq-len"):
         DistillConfig(num_layers=1, seq_len=128, on_policy=0.5, policy_prompt_len=16, policy_new_tokens=16)
+
+
+def test_unwrap_lines_joins_wrapped_lines_inside_paragraphs() -> None:
+    from llmopt.speculative.distill import unwrap_lines
+
+    text = "CHAPTER I\n\n\nIt is a truth\nuniversally   acknowledged,\nthat a man\n \n  Next\nline\n"
+    assert unwrap_lines(text) == "CHAPTER I\n\nIt is a truth universally acknowledged, that a man\n\nNext line"
