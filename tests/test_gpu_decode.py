@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmopt.engine.cuda_graph import CapturedStep
 from llmopt.engine.generate import Generator
 from llmopt.loading.loader import random_model
 from llmopt.loading.presets import preset_config
@@ -95,11 +96,11 @@ def test_regional_compile_captured_step_equals_eager() -> None:
     again = gen.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
     assert [o.token_ids for o in again] == [o.token_ids for o in eager]
-    assert gen._captured is not None and gen._captured.captures == 1
+    assert isinstance(gen._decode_graph, CapturedStep) and gen._decode_graph.captures == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # every layer, one graph
     got3 = gen.generate(prompts + [[3, 4]], params)
     assert [o.token_ids for o in got3] == [o.token_ids for o in eager3]
-    assert gen._captured.captures == 2
+    assert gen._decode_graph.captures == 2
 
 
 def test_regional_compiled_speculation_on_gpu() -> None:

@@ -3,6 +3,7 @@ second process on the same machine starts from compiled artefacts instead of fro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -83,7 +84,6 @@ def compile_fn(
     return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=True, dynamic=dynamic)
 
 
-
 class CompiledLayers:
     """The ``regional`` mode's compile: one ``torch.compile`` of each decoder layer's call, active
     only inside ``active()`` (or a function made by ``wrap``), so prefill and other multi-token
@@ -124,3 +124,20 @@ class CompiledLayers:
                 return fn(*args, **kwargs)
 
         return run
+
+
+def compile_step(fn: Callable[..., Any], model: Any, mode: str, device: Any) -> Callable[..., Any]:
+    """A compiled fixed-shape step of ``model`` (a verify or draft forward). ``regional``: its
+    layers compiled, and on CUDA the step captured by ``CapturedStep``, keyed by the model's KV
+    cache; other modes: ``compile_fn``. Callers mark a step's start
+    (``torch.compiler.cudagraph_mark_step_begin``) for the reduce-overhead graphs."""
+    if mode != "regional":
+        return compile_fn(fn, mode)
+    step = CompiledLayers(model).wrap(fn)
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return step
+    from llmopt.engine.cuda_graph import CapturedStep, kv_cache_key
+
+    return CapturedStep(step, key=functools.partial(kv_cache_key, model))

@@ -25,14 +25,16 @@ class CapturedStep:
 
     Arguments are copied into static buffers before each replay; the returned tensor is the
     graph's static output, overwritten by the next call (the graphs share one memory pool), so
-    consume it before calling again. ``key`` names what the graphs bake in besides their inputs
-    (the KV cache they write): a new key drops every graph. ``fn`` runs ``warmup`` times with the
-    real arguments before a capture (compiling and autotuning happen there), so it must be
-    idempotent: a step that writes its positions' keys and values is.
+    consume it before calling again. ``key()`` names what the graphs bake in besides their inputs
+    (the KV cache they write): when it changes, every graph is dropped. ``fn`` runs ``warmup``
+    times with the real arguments before a capture (compiling and autotuning happen there), so it
+    must be idempotent: a step that writes its positions' keys and values is.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], key: Callable[[], Hashable],
+                 warmup: int = 2) -> None:
         self.fn = fn
+        self.key = key
         self.warmup = warmup
         self.captures = 0
         self._graphs: dict[Hashable, _Graph] = {}
@@ -42,7 +44,8 @@ class CapturedStep:
     def reset(self) -> None:
         self._graphs, self._key, self._pool = {}, None, None
 
-    def __call__(self, *args: torch.Tensor, key: Hashable = None) -> torch.Tensor:
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = self.key()
         if key != self._key:
             self.reset()
             self._key = key

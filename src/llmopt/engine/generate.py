@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from llmopt.devices import HostTokens, synchronize
-from llmopt.engine.cuda_graph import CapturedStep, kv_cache_key
+from llmopt.engine.cuda_graph import CapturedStep
 from llmopt.engine.outputs import GenerationStats, RequestOutput
 from llmopt.errors import UserError
 from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -58,15 +58,18 @@ class Generator:
         # A compiled graph is specialised to the cache shape: keep one fixed size.
         self.fixed_seq_len = (max_seq_len or 0) if compile else None
         self._decode_graph: Callable[..., torch.Tensor] | None = None
-        self._captured: CapturedStep | None = None
         self._prefill_fn = model
         self.compile_mode: str | None = None
         if compile:
-            from llmopt.engine.compile import CompiledLayers, compile_fn, resolve_compile_mode
-
-            compile_mode = self.compile_mode = resolve_compile_mode(compile_mode, device)
+            from llmopt.engine.compile import (
+                CompiledLayers,
+                compile_fn,
+                compile_step,
+                resolve_compile_mode,
+            )
             from llmopt.models.fusion import fuse_projections as fuse_fn
 
+            compile_mode = self.compile_mode = resolve_compile_mode(compile_mode, device)
             # Off by default: measured slower on H100 (inductor then lowers the wider matmuls
             # plus their epilogues to its own reductions; see docs/benchmarks.md).
             if fuse_projections:
@@ -75,18 +78,15 @@ class Generator:
                 # One compiled layer serves all; the step (layers plus eager glue) is one CUDA
                 # graph. Prefill runs the compiled layers only if asked (its first lengths each
                 # compile, then one dynamic-length graph).
-                layers = CompiledLayers(model)
-                self._decode_graph = layers.wrap(self._decode_static)
-                if device.type == "cuda":
-                    self._captured = CapturedStep(self._decode_graph)
+                self._decode_graph = compile_step(self._decode_static, model, compile_mode, device)
                 if compile_prefill:
-                    self._prefill_fn = layers.wrap(model)
+                    self._prefill_fn = CompiledLayers(model).wrap(model)
             else:
                 self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device)
-            if compile_prefill and compile_mode != "regional":
-                # One graph for every prompt length (dynamic shapes); no CUDA graph, since the
-                # work per launch is large at prefill and lengths vary; no autotuning (compile time).
-                self._prefill_fn = compile_fn(model, "default", dynamic=True, device=device)
+                if compile_prefill:
+                    # One graph for every prompt length (dynamic shapes); no CUDA graph, since the
+                    # work per launch is large at prefill and lengths vary; no autotuning.
+                    self._prefill_fn = compile_fn(model, "default", dynamic=True, device=device)
 
     def _decode_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # tokens, positions: [B, 1]; reads the whole static cache (the backend limits by length)
@@ -94,8 +94,6 @@ class Generator:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step: [B, 1] tokens at [B, 1] positions -> [B, V] logits."""
-        if self._captured is not None:
-            return self._captured(tokens, positions, key=kv_cache_key(self.model))
         if self._decode_graph is not None:
             return self._decode_graph(tokens, positions)
         return self.model(tokens, positions, kv_len=kv_len)[:, -1]
@@ -119,10 +117,9 @@ class Generator:
             self.fixed_seq_len = size = max(self.fixed_seq_len, size)
             if self.model.max_seq_len != size or self.model.max_batch_size < batch:
                 self.model.clear_caches()
-                if self._captured is not None:
-                    self._captured.reset()  # its graph wrote into the caches just freed
+                if isinstance(self._decode_graph, CapturedStep):
+                    self._decode_graph.reset()  # its graphs wrote into the caches just freed
         self.model.setup_caches(batch, size)
-
 
     @torch.inference_mode()
     def generate(

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from llmopt.devices import synchronize
-from llmopt.engine.cuda_graph import CapturedStep, kv_cache_key
 from llmopt.engine.generate import Generator, StreamCallback, _Row
 from llmopt.engine.outputs import GenerationStats, RequestOutput
 from llmopt.errors import UserError
@@ -148,17 +147,13 @@ class SpeculativeGenerator(Generator):
         self.last_stats: SpeculativeStats | None = None
         self._verify_graph = None
         if self.spec.compile:
-            from llmopt.engine.compile import CompiledLayers, compile_fn, resolve_compile_mode
+            from llmopt.engine.compile import compile_step, resolve_compile_mode
 
             # One graph per verified width (1..k+1): static shapes, so each can be a CUDA graph.
             self.fixed_seq_len = self.spec.max_seq_len or 0
             mode = self.compile_mode = resolve_compile_mode(self.spec.compile_mode, device)
-            if mode == "regional":
-                # one compiled layer for every layer and width, each width captured as a graph
-                step = CompiledLayers(model).wrap(self._verify_static)
-                self._verify_graph = CapturedStep(step) if device.type == "cuda" else step
-            else:
-                self._verify_graph = compile_fn(self._verify_static, mode)
+            # regional: one compiled layer for every layer and width, each width its own graph
+            self._verify_graph = compile_step(self._verify_static, model, mode, device)
             enable = getattr(drafter, "enable_compile", None)
             if callable(enable):
                 enable(mode)
@@ -168,8 +163,6 @@ class SpeculativeGenerator(Generator):
         return self.model(tokens, positions)  # [1, T, V]
 
     def _verify_forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        if isinstance(self._verify_graph, CapturedStep):
-            return self._verify_graph(tokens, positions, key=kv_cache_key(self.model))
         if self._verify_graph is not None:
             # Earlier graph outputs (draft steps, last verify) are consumed: their memory may be reused.
             torch.compiler.cudagraph_mark_step_begin()

@@ -17,7 +17,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from llmopt.engine.cuda_graph import CapturedStep, kv_cache_key
 from llmopt.sampling.sampler import SamplingTensors
 from llmopt.sampling.verify import probs_from_logits, sample_from_probs
 
@@ -83,20 +82,14 @@ class ModelDrafter:
 
     def enable_compile(self, mode: str = "reduce-overhead") -> None:
         """Compile the one-token draft step (static shapes: it reads the whole static cache)."""
-        from llmopt.engine.compile import CompiledLayers, compile_fn
+        from llmopt.engine.compile import compile_step
 
-        if mode == "regional":
-            step = CompiledLayers(self.model).wrap(self._step_static)
-            self._step_graph = CapturedStep(step) if self.device.type == "cuda" else step
-        else:
-            self._step_graph = compile_fn(self._step_static, mode)
+        self._step_graph = compile_step(self._step_static, self.model, mode, self.device)
 
     def _step_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, positions)[:, -1]  # [1, V]
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        if isinstance(self._step_graph, CapturedStep):
-            return self._step_graph(tokens, positions, key=kv_cache_key(self.model))
         if self._step_graph is not None:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
             return self._step_graph(tokens, positions)
