@@ -73,13 +73,6 @@ def _use_triton(x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] <= SMALL_M)
 
 
-def _one_row(x: torch.Tensor, group_size: int = 1 << 30) -> bool:
-    """LLMOPT_WO_KERNEL=triton-gemv and a single row of activations (a Triton path already)."""
-    # the one-row kernels nest tiles and groups: power-of-two group sizes only
-    return (_GEMV and x.numel() == x.shape[-1] and group_size >= 8
-            and group_size & (group_size - 1) == 0)
-
-
 def _cpu_small(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() // x.shape[-1] <= SMALL_M
 
@@ -88,12 +81,9 @@ def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     if _use_triton(x):
-        from llmopt.quant.kernels import triton_wo as T
+        from llmopt.quant.kernels.triton_wo import int8_matmul
 
-        if _one_row(x):
-            y = T.gemv(x, qweight, scales, scales, scales, T.FMT_INT8, 1 << 30)
-        else:
-            y = T.int8_matmul(x, qweight, scales)
+        y = int8_matmul(x, qweight, scales, one_row=_GEMV)
         return y if bias is None else y + bias
     if _cpu_small(x) and hasattr(torch, "_weight_int8pack_mm"):
         # CPU decode: torch's int8 GEMV is 1.35x (fp32) to 10x (bf16) faster than the float
@@ -112,12 +102,9 @@ def int8g_linear(
     """Group-wise asymmetric int8 (``int8-gN``): Triton on CUDA at decode sizes, else dequantise
     and matmul (on CPU, torch.compile fuses the dequantise into its GEMV)."""
     if _use_triton(x):
-        from llmopt.quant.kernels import triton_wo as T
+        from llmopt.quant.kernels.triton_wo import int8g_matmul
 
-        if _one_row(x, group_size):
-            y = T.gemv(x, qweight, scales, zeros, scales, T.FMT_INT8G, group_size)
-        else:
-            y = T.int8g_matmul(x, qweight, scales, zeros, group_size)
+        y = int8g_matmul(x, qweight, scales, zeros, group_size, one_row=_GEMV)
         return y if bias is None else y + bias
     return ref.int8g_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -151,12 +138,9 @@ def int4_linear(
     group_size: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if _use_triton(x):
-        from llmopt.quant.kernels import triton_wo as T
+        from llmopt.quant.kernels.triton_wo import int4_matmul
 
-        if _one_row(x, group_size):
-            y = T.gemv(x, qweight, scales, zeros, scales, T.FMT_INT4, group_size)
-        else:
-            y = T.int4_matmul(x, qweight, scales, zeros, group_size)
+        y = int4_matmul(x, qweight, scales, zeros, group_size, one_row=_GEMV)
         return y if bias is None else y + bias
     return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -168,13 +152,9 @@ def nf4_linear(
     """``lut``: the 16 NF4 levels on x's device (a module buffer, so compiled graphs see a tensor
     rather than a cached function call)."""
     if _use_triton(x):
-        from llmopt.quant.kernels import triton_wo as T
+        from llmopt.quant.kernels.triton_wo import nf4_matmul
 
-        if _one_row(x, block_size):
-            lut = T._nf4_lut(x.device) if lut is None else lut
-            y = T.gemv(x, qweight, absmax, absmax, lut, T.FMT_NF4, block_size)
-        else:
-            y = T.nf4_matmul(x, qweight, absmax, block_size, lut)
+        y = nf4_matmul(x, qweight, absmax, block_size, lut, one_row=_GEMV)
         return y if bias is None else y + bias
     return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias, lut)
 
@@ -189,11 +169,8 @@ def fp8_linear(
         y = fp8_scaled_mm(x, qweight, scales)
         return y if bias is None else y + bias
     if _use_triton(x):
-        from llmopt.quant.kernels import triton_wo as T
+        from llmopt.quant.kernels.triton_wo import fp8_matmul
 
-        if _one_row(x):
-            y = T.gemv(x, qweight, scales, scales, scales, T.FMT_FP8, 1 << 30)
-        else:
-            y = T.fp8_matmul(x, qweight, scales)
+        y = fp8_matmul(x, qweight, scales, one_row=_GEMV)
         return y if bias is None else y + bias
     return ref.fp8_linear_ref(x, qweight, scales, bias)

@@ -120,8 +120,8 @@ def _wo_matmul_kernel(
 # left the int4 path latency-bound at 0.4-0.6 TB/s on an H200. A tile covers whole quantisation
 # groups (BLOCK_K a multiple of GROUP) or lies inside one (GROUP a multiple of BLOCK_K), so the
 # zero point comes out of each group's sum: sum_k (q - z) s x = s (sum_k q x - z sum_k x).
-# Tiles and groups are powers of two (callers check the group size), so one always nests in the
-# other.
+# Tiles and groups are powers of two (``_launch`` checks the group size), so one always nests in
+# the other.
 
 
 def _packed_gemv_configs() -> list[triton.Config]:
@@ -257,8 +257,12 @@ def _nf4_lut(device: torch.device) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-            n: int, fmt: int, group: int) -> torch.Tensor:
+            n: int, fmt: int, group: int, one_row: bool = False) -> torch.Tensor:
+    """``one_row``: send a single row of x to the one-row kernels (``gemv``) where they take the
+    group size (powers of two, so tiles and groups nest); everything else to the tile kernel."""
     k = x.shape[-1]
+    if one_row and x.numel() == k and group >= 8 and group & (group - 1) == 0:
+        return gemv(x, w, s, z, lut, fmt, group)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -274,29 +278,31 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, 
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                one_row: bool = False) -> torch.Tensor:
     """x [..., K] @ (qweight [N, K] int8 * scales[N]).T"""
-    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_INT8, 1 << 30)
+    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_INT8, 1 << 30, one_row)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int) -> torch.Tensor:
+                group_size: int, one_row: bool = False) -> torch.Tensor:
     """x [..., K] @ W.T with W from codes [K/8, N] and scales/zeros [G, N]."""
-    return _launch(x, qweight, scales, zeros, scales, qweight.shape[1], FMT_INT4, group_size)
+    return _launch(x, qweight, scales, zeros, scales, qweight.shape[1], FMT_INT4, group_size, one_row)
 
 
 def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int,
-               lut: torch.Tensor | None = None) -> torch.Tensor:
+               lut: torch.Tensor | None = None, one_row: bool = False) -> torch.Tensor:
     lut = _nf4_lut(x.device) if lut is None else lut
-    return _launch(x, qweight, absmax, absmax, lut, qweight.shape[1], FMT_NF4, block_size)
+    return _launch(x, qweight, absmax, absmax, lut, qweight.shape[1], FMT_NF4, block_size, one_row)
 
 
 def int8g_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int) -> torch.Tensor:
+                 group_size: int, one_row: bool = False) -> torch.Tensor:
     """x [..., K] @ W.T with W = (qweight [N, K] int8 - zeros[g]) * scales[g], scales/zeros [G, N]."""
-    return _launch(x, qweight, scales, zeros, scales, qweight.shape[0], FMT_INT8G, group_size)
+    return _launch(x, qweight, scales, zeros, scales, qweight.shape[0], FMT_INT8G, group_size, one_row)
 
 
-def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               one_row: bool = False) -> torch.Tensor:
     """Weight-only FP8: e4m3 weights converted to the activation dtype in registers."""
-    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_FP8, 1 << 30)
+    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_FP8, 1 << 30, one_row)
