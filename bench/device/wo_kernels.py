@@ -44,17 +44,17 @@ def _time_us(fn, iters: int = 200) -> float:
 
 
 def _tinygemm(x: torch.Tensor, fargs: tuple, n: int, k: int):
-    """torch's int4 GEMM on the same codes, repacked as Int4Linear.prepare_for_device does."""
-    from llmopt.quant.kernels import TINYGEMM_INNER_K_TILES
+    """torch's int4 GEMM on the same codes, repacked by Int4Linear.prepare_for_device (None where
+    that path is off, LLMOPT_WO_KERNEL naming another, or the shape does not fit it)."""
+    from llmopt.quant.kernels import int4_linear_tinygemm
     from llmopt.quant.linear import Int4Linear
 
     lin = Int4Linear(k, n, False, fargs[3], 4, False, x.device, torch.bfloat16)
     lin.qweight, lin.scales, lin.zeros = fargs[0], fargs[1], fargs[2]
-    codes, sz = lin._torch_int4_layout()
-    u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
-    tg = torch._convert_weight_to_int4pack(u8, TINYGEMM_INNER_K_TILES)
-    sz = sz.to(torch.bfloat16)
-    return lambda: torch._weight_int4pack_mm(x, tg, fargs[3], sz)
+    lin.prepare_for_device()
+    if lin.tg_weight is None:
+        return None
+    return partial(int4_linear_tinygemm, x, lin.tg_weight, lin.tg_scales_zeros, fargs[3])
 
 
 def main() -> int:
@@ -82,8 +82,8 @@ def main() -> int:
                              "bytes": 2 * n * k, "gb_per_s": 2 * n * k / base_us / 1e3})
             if m == 1:  # the one-row kernel on unquantised weights: could it replace cuBLAS?
                 dense = partial(T.gemv, x, bf16, bf16, bf16, bf16, T.FMT_DENSE, 1 << 30)
-                err = ((dense().double() - x.double() @ bf16.double().t()).norm()
-                       / (x.double() @ bf16.double().t()).norm()).item()
+                expect = x.double() @ bf16.double().t()
+                err = ((dense().double() - expect).norm() / expect.norm()).item()
                 us = _time_us(dense)
                 rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": "triton-gemv",
                                  "us": us, "bytes": 2 * n * k, "gb_per_s": 2 * n * k / us / 1e3,
@@ -98,9 +98,13 @@ def main() -> int:
                 cands = {"triton": partial(matmul, x, *fargs)}
                 if m == 1:
                     cands["triton-gemv"] = partial(T.gemv, x, *_gemv_args(fmt, fargs))
-                if fmt == "int4" and hasattr(torch, "_weight_int4pack_mm"):
+                if fmt == "int4":
                     cands["tinygemm"] = _tinygemm(x, fargs, n, k)
                 for name, fn in cands.items():
+                    if fn is None:
+                        rows_out.append({"shape": [n, k], "rows": m, "format": fmt, "kernel": name,
+                                         "error": "not available here (LLMOPT_WO_KERNEL, torch or shape)"})
+                        continue
                     try:
                         y = fn()
                         err = ((y.double() - expect).norm() / expect.norm()).item()
