@@ -43,7 +43,9 @@ def gpu_kernel_choice() -> str:
     padded tl.dot rows, large tiles along K) and everything else to ``triton``."""
     choice = os.environ.get("LLMOPT_WO_KERNEL", "tinygemm")
     if choice not in KERNEL_CHOICES:
-        raise ValueError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
+        from llmopt.errors import UserError
+
+        raise UserError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
     return choice
 
 
