@@ -10,7 +10,7 @@ from llmopt.engine.generate import Generator
 from llmopt.errors import UserError
 from llmopt.sampling import SamplingParams
 from llmopt.speculative import SpeculativeConfig, SpeculativeGenerator, build_drafter
-from llmopt.speculative.distill import DistillConfig, PolicySequences, distill
+from llmopt.speculative.distill import DistillConfig, PolicySequences, distill, lr_lambda
 
 CPU = torch.device("cpu")
 TEXT = " ".join(
@@ -67,3 +67,19 @@ def test_unwrap_lines_joins_wrapped_lines_inside_paragraphs() -> None:
 
     text = "CHAPTER I\n\n\nIt is a truth\nuniversally   acknowledged,\nthat a man\n \n  Next\nline\n"
     assert unwrap_lines(text) == "CHAPTER I\n\nIt is a truth universally acknowledged, that a man\n\nNext line"
+
+
+def test_time_limit_cuts_the_run_and_its_schedule(teacher, tmp_path) -> None:
+    # A limit far below one step: the run stops as soon as its step time is known (23 steps).
+    cfg = DistillConfig(num_layers=1, steps=60, batch_size=1, seq_len=16, lr=1e-3, warmup_steps=2,
+                        checkpoint_every=0, eval_batches=1, time_limit_s=1e-3)
+    summary = distill(teacher.model, teacher.tokenizer, TEXT, cfg, tmp_path / "s", CPU, progress=False)
+    assert summary["steps_run"] == 23 and summary["loss_last"]["step"] == 23
+    # The cosine schedule follows the shortened run: it reaches its floor at the new last step.
+    total = [cfg.steps]
+    f = lr_lambda(cfg, total)
+    assert f(20) > 0.5
+    total[0] = 21
+    assert f(21) == pytest.approx(cfg.min_lr_ratio) and f(1) == 1.0
+    with pytest.raises(UserError, match="time-limit"):
+        DistillConfig(num_layers=1, time_limit_s=0)

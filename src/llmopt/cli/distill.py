@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-line-breaks", action="store_true",
                    help="train on the corpus as written (default: hard-wrapped lines inside a "
                         "paragraph are joined, as prompts usually arrive)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="finish within this long, teacher generation included: the step count (and "
+                        "the learning-rate schedule) is cut to what fits, timed over the first steps")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (loadable as --draft DIR)")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         freeze_embeddings=not args.train_embeddings, checkpoint_every=args.checkpoint_every,
         seed=args.seed, on_policy=args.on_policy, policy_prompts=args.policy_prompts,
         policy_prompt_len=args.policy_prompt_len, policy_new_tokens=args.policy_new_tokens,
-        unwrap_lines=not args.keep_line_breaks,
+        unwrap_lines=not args.keep_line_breaks, time_limit_s=args.time_limit,
     )
     corpus = Path(args.corpus)
     if not corpus.is_file():

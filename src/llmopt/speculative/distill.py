@@ -63,6 +63,10 @@ class DistillConfig:
     # characters): a draft trained on wrapped text learns to expect a line break every dozen
     # tokens and predicts one on unwrapped prompts, where the target never does.
     unwrap_lines: bool = True
+    # Finish within this many seconds, counted from the start (teacher generation included): once
+    # the first training steps are timed, the run is cut to the steps that fit and the
+    # learning-rate schedule is stretched over exactly those.
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -82,6 +86,8 @@ class DistillConfig:
             raise UserError(f"--init-layers must be spread or first, got {self.init_layers!r}")
         if not 0.0 <= self.on_policy <= 1.0:
             raise UserError(f"--on-policy must be a fraction in [0, 1], got {self.on_policy}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise UserError(f"--time-limit must be > 0 seconds, got {self.time_limit_s}")
         if self.on_policy > 0:
             if self.policy_prompts < 1 or self.policy_prompt_len < 1 or self.policy_new_tokens < 1:
                 raise UserError("--policy-prompts, --policy-prompt-len and --policy-new-tokens must be >= 1")
@@ -246,7 +252,7 @@ class PolicySequences:
         gen = Generator(teacher, None, device)
         params = SamplingParams(max_new_tokens=glen, temperature=0, ignore_eos=True)
         rows: list[list[int]] = []
-        batch = 32
+        batch = 1024 if device.type == "cuda" else 32  # all prompts share one length: no padding
         for i in tqdm(range(0, count, batch), desc="teacher continuations", disable=not progress,
                       unit="batch"):
             chunk = prompts[i : i + batch].tolist()
@@ -267,11 +273,15 @@ class PolicySequences:
         return [tail[i : i + batch_size] for i in range(0, len(tail), batch_size)]
 
 
-def lr_lambda(cfg: DistillConfig) -> object:
+def lr_lambda(cfg: DistillConfig, total: list[int] | None = None) -> object:
+    """Linear warm-up, then cosine decay over the run's steps: ``total[0]`` when given (a list,
+    so a time-limited run can shorten the schedule once it knows its step time), else cfg.steps."""
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.steps - cfg.warmup_steps)
+        steps = total[0] if total else cfg.steps
+        span = max(1, steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -316,6 +326,7 @@ def distill(
     """Train a student, write it (and checkpoints) under ``out_dir``; returns the run summary."""
     from llmopt.models import build_model
 
+    t_begin = time.perf_counter()
     torch.manual_seed(cfg.seed)
     teacher.clear_caches()
     s_config = student_config(teacher.config, cfg)
@@ -345,7 +356,10 @@ def distill(
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # type: ignore[arg-type]
+    total = [cfg.steps]  # shortened by time_limit_s once the step time is known
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))  # type: ignore[arg-type]
+    # On CUDA the student's matmuls run in bfloat16 (float32 master weights and optimizer state).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     if cfg.unwrap_lines:
         corpus_text = unwrap_lines(corpus_text)
@@ -362,9 +376,11 @@ def distill(
                                                cfg.batch_size * cfg.eval_batches, device,
                                                cfg.seed + 7).eval_batches(cfg.batch_size)
     gen_s = time.perf_counter() - t_gen
+    log.info("teacher continuations: %.1f s", gen_s)
     n_policy = round(cfg.batch_size * cfg.on_policy)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.eval()
+    t_eval = time.perf_counter()
     before = evaluate(student, teacher, held, cfg, device)
     before_policy = evaluate(student, teacher, held_policy, cfg, device) if held_policy else None
     student.train()
@@ -377,8 +393,12 @@ def distill(
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     last_ckpt: Path | None = None
-    bar = tqdm(range(cfg.steps), desc="distill", disable=not progress, unit="step")
-    for step in bar:
+    bar = tqdm(total=cfg.steps, desc="distill", disable=not progress, unit="step")
+    # A time limit is planned from the steps 3..23 (the first ones carry one-off start-up costs).
+    timed_from, timed_after = 3, 23
+    t_from = t0
+    step = 0
+    while step < total[0]:
         parts_b = []
         if n_policy < cfg.batch_size:
             parts_b.append(data.batch(cfg.batch_size - n_policy))
@@ -388,7 +408,8 @@ def distill(
         x, y = batch[:, :-1], batch[:, 1:]
         with torch.no_grad():
             t_logits = teacher(x)  # [B, T, V]
-        s_logits = student(x)
+        with autocast:
+            s_logits = student(x)
         loss, parts = distill_loss(s_logits, t_logits, y, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -398,8 +419,25 @@ def distill(
         rec = {"step": step + 1, "loss": float(loss.detach()), **parts,
                "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0]}
         history.append(rec)
+        bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if step + 1 == timed_from:
+            t_from = time.perf_counter()
+        if cfg.time_limit_s is not None and step + 1 == timed_after:
+            now = time.perf_counter()
+            per_step = (now - t_from) / (timed_after - timed_from)
+            # What is left, less the final evaluation (about as long as the one before training).
+            left = cfg.time_limit_s - (now - t_begin) - (t0 - t_eval)
+            fit = step + 1 + int(left / per_step)
+            if fit < total[0]:
+                total[0] = max(step + 1, fit)
+                bar.total = total[0]
+                log.info("time limit %.0f s: %.3f s per step, training for %d steps instead of %d",
+                         cfg.time_limit_s, per_step, total[0], cfg.steps)
+        elif (cfg.time_limit_s is not None and step + 1 > timed_after
+              and time.perf_counter() - t_begin > cfg.time_limit_s):
+            total[0] = step + 1  # slower than planned: stop now rather than overrun
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total[0]:
             ckpt = out_dir / f"checkpoint-{step + 1}"
             student.eval()
             save_student(student, tokenizer, ckpt, gen_cfg)
@@ -409,7 +447,10 @@ def distill(
                     f.unlink()
                 last_ckpt.rmdir()
             last_ckpt = ckpt
+        step += 1
+    bar.close()
     train_s = time.perf_counter() - t0
+    log.info("trained %d steps in %.1f s", step, train_s)
     student.eval().requires_grad_(False)
     after = evaluate(student, teacher, held, cfg, device)
     after_policy = evaluate(student, teacher, held_policy, cfg, device) if held_policy else None
@@ -428,6 +469,7 @@ def distill(
         "held_out_policy_before": before_policy,
         "held_out_policy_after": after_policy,
         "teacher_generation_seconds": round(gen_s, 1),
+        "steps_run": step,
         "train_seconds": round(train_s, 1),
         "loss_first": history[0] if history else None,
         "loss_last": history[-1] if history else None,

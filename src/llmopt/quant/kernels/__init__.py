@@ -7,9 +7,10 @@
   ragged K to whole groups), which are faster there (timings next to each call).
 - CUDA, at most ``SMALL_M`` rows (decode, batch 1..16): int4 with bf16 activations goes to torch's
   int4 GEMM (``torch._weight_int4pack_mm``, "tinygemm"), measured fastest on an H200 (7B g128:
-  320.4 tok/s against 150.3 with the Triton kernel, bench/results/decode/h200_s5_*); other
+  337.4 tok/s against 150.3 with the Triton kernel, bench/results/decode/h200_s5*); other
   formats (and int4 shapes tinygemm does not take) use the fused Triton dequantise-and-matmul
-  in ``triton_wo.py``, which reads the packed weight once.
+  in ``triton_wo.py``, which reads the packed weight once: at one row, the one-row kernels for
+  the formats where they measured faster (``AUTO_ONE_ROW``).
 - CUDA, more rows (prefill): dequantise to the activation dtype and use cuBLAS. The dequantise is
   paid once per call and is small next to an M x N x K matmul with large M.
 - FP8 with ``mode="scaled_mm"``: activations quantised per row to e4m3 and ``torch._scaled_mm``
@@ -30,18 +31,28 @@ from llmopt.quant.kernels import reference as ref
 SMALL_M = 16
 
 
-KERNEL_CHOICES = ("tinygemm", "triton", "torch", "triton-gemv")
+KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv")
+
+# What ``auto`` sends down the one-row Triton kernels (``triton_wo.gemv``) at batch 1, chosen by
+# measurement on an H200 (Llama-2-7B shapes, bench/results/decode/h200_s6a_*): nf4 94.8 tok/s
+# against 54.1 with the tiled Triton kernel, int8-g32 165.7 against 98.5, fp8 270.3 against
+# 233.6, int4 shapes tinygemm does not take 206.9 against 150.3. Per-channel int8 stays on the
+# tiled kernel (256.8 against 252.3; 16.9 against 20.7 us on the 4096x11008 layer).
+AUTO_ONE_ROW = frozenset({"int4", "int8g", "nf4", "fp8"})
 
 
 def gpu_kernel_choice() -> str:
     """``LLMOPT_WO_KERNEL`` picks the CUDA decode path, so the benchmark can choose by measurement:
-    ``tinygemm`` (default) sends int4 to torch's CUDA int4 GEMM (``torch._weight_int4pack_mm``,
-    the kernel gpt-fast uses; weights repacked at load by ``Int4Linear.prepare_for_device``) and
-    the other formats to Triton; ``triton`` sends every format to ``triton_wo.py``; ``torch`` the
-    plain-PyTorch path, which torch.compile fuses (dequantise inside inductor's GEMV);
-    ``triton-gemv`` sends every format at one row (decode at batch 1) to ``triton_wo.gemv`` (no
-    padded tl.dot rows, large tiles along K) and everything else to ``triton``."""
-    choice = os.environ.get("LLMOPT_WO_KERNEL", "tinygemm")
+    ``auto`` (default) is the measured-best path per format: int4 through torch's CUDA int4 GEMM
+    (``torch._weight_int4pack_mm``, "tinygemm", the kernel gpt-fast uses; weights repacked at load
+    by ``Int4Linear.prepare_for_device``), per-channel int8 through the tiled Triton kernel, the
+    other formats (and int4 shapes tinygemm does not take) through the one-row Triton kernels at
+    batch 1. ``tinygemm`` is int4 through tinygemm and every other format through the tiled
+    Triton kernel; ``triton`` sends every format to the tiled kernels in ``triton_wo.py``;
+    ``triton-gemv`` every format at one row to ``triton_wo.gemv`` (no padded tl.dot rows, large
+    tiles along K) and everything else to ``triton``; ``torch`` the plain-PyTorch path, which
+    torch.compile fuses (dequantise inside inductor's GEMV)."""
+    choice = os.environ.get("LLMOPT_WO_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         from llmopt.errors import UserError
 
@@ -49,12 +60,19 @@ def gpu_kernel_choice() -> str:
     return choice
 
 
+def one_row_formats(choice: str) -> frozenset[str]:
+    """The formats a choice sends to the one-row kernels when the input is a single row."""
+    if choice == "triton-gemv":
+        return frozenset({"int8", "int4", "int8g", "nf4", "fp8"})
+    return AUTO_ONE_ROW if choice == "auto" else frozenset()
+
+
 # Decided once at import: forward() runs under torch.compile, which cannot trace
 # importlib or os.environ lookups (dynamo refuses find_spec as a skipped function).
 _CHOICE = gpu_kernel_choice()
 _TRITON_OK = importlib.util.find_spec("triton") is not None and _CHOICE != "torch"
-_GEMV = _CHOICE == "triton-gemv"
-_TINYGEMM = _CHOICE == "tinygemm" and hasattr(torch, "_weight_int4pack_mm")
+_ONE_ROW = one_row_formats(_CHOICE)
+_TINYGEMM = _CHOICE in ("auto", "tinygemm") and hasattr(torch, "_weight_int4pack_mm")
 TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
 
 
@@ -85,7 +103,7 @@ def int8_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import int8_matmul
 
-        y = int8_matmul(x, qweight, scales, one_row=_GEMV)
+        y = int8_matmul(x, qweight, scales, one_row="int8" in _ONE_ROW)
         return y if bias is None else y + bias
     if _cpu_small(x) and hasattr(torch, "_weight_int8pack_mm"):
         # CPU decode: torch's int8 GEMV is 1.35x (fp32) to 10x (bf16) faster than the float
@@ -106,7 +124,7 @@ def int8g_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import int8g_matmul
 
-        y = int8g_matmul(x, qweight, scales, zeros, group_size, one_row=_GEMV)
+        y = int8g_matmul(x, qweight, scales, zeros, group_size, one_row="int8g" in _ONE_ROW)
         return y if bias is None else y + bias
     return ref.int8g_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -142,7 +160,7 @@ def int4_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import int4_matmul
 
-        y = int4_matmul(x, qweight, scales, zeros, group_size, one_row=_GEMV)
+        y = int4_matmul(x, qweight, scales, zeros, group_size, one_row="int4" in _ONE_ROW)
         return y if bias is None else y + bias
     return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -156,7 +174,7 @@ def nf4_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import nf4_matmul
 
-        y = nf4_matmul(x, qweight, absmax, block_size, lut, one_row=_GEMV)
+        y = nf4_matmul(x, qweight, absmax, block_size, lut, one_row="nf4" in _ONE_ROW)
         return y if bias is None else y + bias
     return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias, lut)
 
@@ -173,6 +191,6 @@ def fp8_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import fp8_matmul
 
-        y = fp8_matmul(x, qweight, scales, one_row=_GEMV)
+        y = fp8_matmul(x, qweight, scales, one_row="fp8" in _ONE_ROW)
         return y if bias is None else y + bias
     return ref.fp8_linear_ref(x, qweight, scales, bias)
