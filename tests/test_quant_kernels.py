@@ -249,8 +249,10 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
         configs = T._packed_gemv_configs() if packed else T._rowmajor_gemv_configs()
         for cfg in configs:
             kw = cfg.kwargs
-            out = torch.zeros((n_out,), dtype=torch.float32)
-            grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"])
+            # the packed kernel adds split-K partial sums into float32; the row-major one stores
+            # its rows in the activation dtype
+            out = torch.zeros((n_out,), dtype=torch.float32 if packed else torch.float16)
+            grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"]) if packed else (triton.cdiv(n_out, kw["BLOCK_N"]),)
             extra = (lut,) if packed else ()
             kern_g.fn[grid](x, wt, s, z, *extra, out, n_out, k, FMT=code, GROUP=grp, **kw)
             err = ((out.double() - expect).norm() / expect.norm()).item()
@@ -259,8 +261,8 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
     expect = x.double() @ dense.double().t()
     for cfg in T._rowmajor_gemv_configs():
         kw = cfg.kwargs
-        out = torch.zeros((n,), dtype=torch.float32)
-        grid = (triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
+        out = torch.zeros((n,), dtype=torch.float16)
+        grid = (triton.cdiv(n, kw["BLOCK_N"]),)
         T._rowmajor_gemv_kernel.fn[grid](x, dense, dense, dense, out, n, k, FMT=T.FMT_DENSE, GROUP=1 << 30, **kw)
         err = ((out.double() - expect).norm() / expect.norm()).item()
         worst["dense-gemv"] = max(worst.get("dense-gemv", 0.0), err)
@@ -299,17 +301,17 @@ from llmopt.quant.kernels import triton_wo as T
 ptxas = get_ptxas(90)
 ptxas = getattr(ptxas, "path", ptxas)
 C = "constexpr"
-common = {"N": "i32", "K": "i32", "FMT": C, "GROUP": C, "BLOCK_N": C, "BLOCK_K": C, "SPLIT_K": C}
+common = {"N": "i32", "K": "i32", "FMT": C, "GROUP": C, "BLOCK_N": C, "BLOCK_K": C}
 cases = []
 for cfg in T._packed_gemv_configs():
     for fmt, grp in ((T.FMT_INT4, 32), (T.FMT_INT4, 128), (T.FMT_NF4, 64)):
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
-               "out_ptr": "*fp32", **common}
+               "out_ptr": "*fp32", **common, "SPLIT_K": C}
         cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
 for cfg in T._rowmajor_gemv_configs():
     for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
                          (T.FMT_DENSE, 1 << 30, "*bf16")):
-        sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*fp32", **common}
+        sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", **common}
         cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
 spilled = []
 for kern, sig, consts, warps in cases:
