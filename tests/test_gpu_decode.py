@@ -123,3 +123,21 @@ def test_regional_compiled_speculation_on_gpu() -> None:
         gen = SpeculativeGenerator(model, None, torch.device("cuda"), drafter, cfg)
         assert gen.generate([prompt], params)[0].token_ids == ref, drafter.name
         assert gen._verify_graph.captures >= 2  # one graph per verified width
+
+
+def test_distill_continuations_compiled_equal_eager(monkeypatch) -> None:
+    """distill's on-policy data on a GPU comes from a compiled generator at full batch width
+    (the last batch padded): the same greedy continuations as the eager generator."""
+    from llmopt.speculative import distill as D
+
+    model = _tiny_cuda(torch.float32)
+    cfg = D.DistillConfig(num_layers=1, seq_len=16, on_policy=1.0, policy_prompt_len=8,
+                          policy_new_tokens=12)
+    monkeypatch.setattr(D, "policy_batch", lambda device: 4)
+    stream = torch.randint(3, 512, (400,))
+    dev = torch.device("cuda")
+    eager = D.PolicySequences.generate(model, stream, cfg, 6, dev, seed=1)
+    gen = Generator(model, None, dev, compile=True)
+    compiled = D.PolicySequences.generate(model, stream, cfg, 6, dev, seed=1, generator=gen)
+    assert compiled.seqs.shape == eager.seqs.shape == (6, 20)
+    assert torch.equal(compiled.seqs, eager.seqs)

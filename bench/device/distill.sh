@@ -8,6 +8,7 @@
 #           G=$(python -c 'from llmopt.loading.resolve import known_model_gguf as k; print(k("smollm2-135m"))')
 #           split -b 49181216 -d "$G" .devw/part; sha256sum "$G" | cut -d' ' -f1 > .devw/whl/gguf.sha256
 #           pip download --no-deps --only-binary=:all: --python-version 3.12 -d .devw/whl gguf==0.19.0
+#           cp ../shared/corpora/emma.txt .devw/whl/      (optional: the whole novel)
 #   call 1: carry [".devw/part00"], command: cp .devw/part00 /tmp/   (within 30 s of it:)
 #   call 2: carry [".devw/part01", ".devw/whl"], command: bash bench/device/distill.sh
 # Results in $OUT: distill.json (training run), acceptance_*.json, log.txt.
@@ -19,6 +20,11 @@ W=.devw
 G=/tmp/smollm2-135m.Q4_1.gguf
 LIMIT=${DISTILL_S:-300}          # seconds for the whole distill run (the step count is cut to fit)
 LAYERS=${DISTILL_LAYERS:-8}
+PROMPTS=${DISTILL_PROMPTS:-16384}  # teacher continuations to train on (generated compiled, 1,024 at a time)
+# The whole of emma.txt when it travelled (cp ../shared/corpora/emma.txt .devw/whl/), else the
+# package's excerpt (its first 300 KB).
+CORPUS=src/llmopt/data/emma.txt
+[ -f $W/whl/emma.txt ] && CORPUS=$W/whl/emma.txt
 END_S=${END_S:-470}             # the whole script ends by then (the device call allows 600)
 P0=/tmp/part00  # left there by call 1
 [ -f $P0 ] || { echo "no $P0 here: the first half did not stay on this machine"; exit 3; }
@@ -30,8 +36,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/log.t
 
 S=/tmp/student
 timeout $((LIMIT + 60)) python3 -m llmopt.cli.main --debug distill --teacher $G --layers "$LAYERS" --init-layers first \
-    --corpus src/llmopt/data/emma.txt --steps 20000 --time-limit "$LIMIT" --batch-size 32 --seq-len 256 \
-    --lr 1e-3 --warmup-steps 100 --checkpoint-every 0 --on-policy 0.9 --policy-prompts 4096 \
+    --corpus "$CORPUS" --steps 20000 --time-limit "$LIMIT" --batch-size 32 --seq-len 256 \
+    --lr 1e-3 --warmup-steps 100 --checkpoint-every 0 --on-policy 0.9 --policy-prompts "$PROMPTS" \
     --policy-prompt-len 64 --policy-new-tokens 208 --out $S --device cuda 2>&1 \
     | tee -a "$OUT/log.txt"
 cp $S/distill.json "$OUT/distill.json" 2>/dev/null

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmopt.config import ModelConfig
+from llmopt.engine.generate import Generator
 from llmopt.errors import UserError
 from llmopt.loading.tokenizer import Tokenizer
 
@@ -227,6 +228,11 @@ class TokenWindows:
                 for i in range(0, min(n, batch_size * count), batch_size)]
 
 
+def policy_batch(device: torch.device) -> int:
+    """Prompts continued at once: wide on a GPU, where a 135M teacher's decode step is cheap."""
+    return 1024 if device.type == "cuda" else 32
+
+
 class PolicySequences:
     """The teacher's greedy continuations of prompts cut from a token stream: [N, P + G] token
     ids, drawn from as random windows of seq_len + 1 (so the prompt's end is sometimes in view)."""
@@ -237,10 +243,12 @@ class PolicySequences:
 
     @classmethod
     def generate(cls, teacher: nn.Module, stream: torch.Tensor, cfg: DistillConfig, count: int,
-                 device: torch.device, seed: int, progress: bool = False) -> PolicySequences:
+                 device: torch.device, seed: int, progress: bool = False,
+                 generator: Generator | None = None) -> PolicySequences:
+        """``generator``: a (compiled) Generator over ``teacher`` to reuse across calls; a compiled
+        one gets every batch at full width (the last padded), so one captured graph serves all."""
         from tqdm import tqdm
 
-        from llmopt.engine.generate import Generator
         from llmopt.sampling import SamplingParams
 
         plen, glen = cfg.policy_prompt_len, cfg.policy_new_tokens
@@ -249,16 +257,18 @@ class PolicySequences:
         g = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, len(stream) - plen, (count,), generator=g)
         prompts = stream[starts[:, None] + torch.arange(plen)]  # [N, P]
-        gen = Generator(teacher, None, device)
+        gen = generator if generator is not None else Generator(teacher, None, device)
         params = SamplingParams(max_new_tokens=glen, temperature=0, ignore_eos=True)
         rows: list[list[int]] = []
-        batch = 1024 if device.type == "cuda" else 32  # all prompts share one length: no padding
+        batch = policy_batch(device)  # all prompts share one length: no padding within a batch
         for i in tqdm(range(0, count, batch), desc="teacher continuations", disable=not progress,
                       unit="batch"):
             chunk = prompts[i : i + batch].tolist()
-            outs = gen.generate(chunk, params)
+            width = batch if gen.compiled else len(chunk)
+            outs = gen.generate(chunk + [chunk[0]] * (width - len(chunk)), params)[: len(chunk)]
             rows.extend(p + o.token_ids for p, o in zip(chunk, outs, strict=True))
-        teacher.clear_caches()
+        if generator is None:
+            teacher.clear_caches()
         return cls(torch.tensor(rows, dtype=torch.long), cfg.seq_len, seed)
 
     def batch(self, batch_size: int) -> torch.Tensor:
@@ -369,12 +379,17 @@ def distill(
     policy = held_policy = None
     t_gen = time.perf_counter()
     if cfg.on_policy > 0:
+        # On a GPU the teacher's decode step is compiled and captured (regional): the eager step
+        # at 1,024 rows is mostly launch overhead for a model this small.
+        gen = Generator(teacher, None, device, compile=device.type == "cuda")
         # Training prompts from the training part, evaluation prompts from the held-out tail.
         policy = PolicySequences.generate(teacher, data.train, cfg, cfg.policy_prompts, device,
-                                          cfg.seed, progress)
+                                          cfg.seed, progress, generator=gen)
         held_policy = PolicySequences.generate(teacher, data.held, cfg,
                                                cfg.batch_size * cfg.eval_batches, device,
-                                               cfg.seed + 7).eval_batches(cfg.batch_size)
+                                               cfg.seed + 7, generator=gen).eval_batches(cfg.batch_size)
+        del gen
+        teacher.clear_caches()
     gen_s = time.perf_counter() - t_gen
     log.info("teacher continuations: %.1f s", gen_s)
     n_policy = round(cfg.batch_size * cfg.on_policy)
