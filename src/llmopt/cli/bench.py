@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compile prefill (dynamic shapes): lower time to first token, longer compile")
     p.add_argument("--fuse-projections", action="store_true",
                    help="fuse q/k/v and gate/up matmuls (measured slower on H100; for experiments)")
+    p.add_argument("--dense-gemv", action="store_true",
+                   help="bf16/fp16 matmuls at batch 1 through llmopt's one-row Triton kernel "
+                        "instead of the compiler's or cuBLAS's (GPU; for experiments)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
 
@@ -49,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError(f"prompt-len + new-tokens = {needed} exceeds the model's context "
                         f"({lm.config.max_position_embeddings})")
+    swapped = 0
+    if args.dense_gemv:
+        from llmopt.models.gemv_linear import use_gemv_linears
+
+        swapped = use_gemv_linears(lm.model)
     attention = args.attention
     if attention == "auto":
         attention = "triton" if lm.device.type == "cuda" else "sdpa"
@@ -70,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         # switches that change what runs (kernel choice, tuning) belong with the number
         out["env"] = {k: v for k, v in sorted(os.environ.items())
                       if k.startswith("LLMOPT_") and k != "LLMOPT_CACHE"}
+        if args.dense_gemv:
+            out["dense_gemv_modules"] = swapped
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
             from llmopt.quant.kernels import gpu_kernel_choice
 
