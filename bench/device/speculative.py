@@ -285,6 +285,15 @@ def run_acceptance(args: argparse.Namespace) -> int:
     prompts = _text_prompts(tok, text, args.prompts, args.prompt_tokens)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     drafter = build_drafter(args.draft, model, tok, progress=False)
+    # Compiled: the plain step, the verify step and the draft step each a captured graph, on one
+    # cache size for every prompt; one untimed prompt first compiles and captures them.
+    cache = CACHE_LEN if args.compile else None
+    plain_gen = Generator(model, tok, dev, compile=args.compile, max_seq_len=cache)
+    gen = SpeculativeGenerator(model, tok, dev, drafter, SpeculativeConfig(
+        k=args.k, adaptive=not args.fixed_k, compile=args.compile, max_seq_len=cache))
+    if args.compile:
+        plain_gen.generate(prompts[:1], params)
+        gen.generate(prompts[:1], params)
     agg = {"steps": 0, "draft_steps": 0, "drafted": 0, "accepted": 0}
     by_pos_d = [0] * args.k
     by_pos_a = [0] * args.k
@@ -292,8 +301,7 @@ def run_acceptance(args: argparse.Namespace) -> int:
     new_tokens = 0
     equal = True
     for prompt in prompts:
-        plain = Generator(model, tok, dev).generate([prompt], params)[0]
-        gen = SpeculativeGenerator(model, tok, dev, drafter, SpeculativeConfig(k=args.k, adaptive=not args.fixed_k))
+        plain = plain_gen.generate([prompt], params)[0]
         out = gen.generate([prompt], params)[0]
         s = gen.last_stats
         assert s is not None and plain.stats is not None and out.stats is not None
@@ -312,6 +320,7 @@ def run_acceptance(args: argparse.Namespace) -> int:
         "command": "python " + " ".join(sys.argv), "model": args.model, "draft": args.draft,
         "text": args.text, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "k": args.k, "adaptive_k": not args.fixed_k,
+        "compiled": args.compile,
         "greedy": True, "greedy_equal_to_plain": equal, "env": _env(dev), "dtype": str(lm.dtype),
         "acceptance_rate": round(agg["accepted"] / max(1, agg["drafted"]), 4),
         "acceptance_by_position": [round(a / d, 4) if d else None for a, d in zip(by_pos_a, by_pos_d, strict=True)],
@@ -355,6 +364,8 @@ def main() -> int:
     a.add_argument("--new-tokens", type=int, default=48)
     a.add_argument("--k", type=int, default=4)
     a.add_argument("--fixed-k", action="store_true")
+    a.add_argument("--compile", action="store_true",
+                   help="compiled plain, verify and draft steps (CUDA graphs; GPU)")
     a.add_argument("--device", default="auto")
     a.add_argument("--dtype", default="auto")
     a.add_argument("--out", default=None)
