@@ -83,3 +83,30 @@ def test_time_limit_cuts_the_run_and_its_schedule(teacher, tmp_path) -> None:
     assert f(21) == pytest.approx(cfg.min_lr_ratio) and f(1) == 1.0
     with pytest.raises(UserError, match="time-limit"):
         DistillConfig(num_layers=1, time_limit_s=0)
+
+
+def test_resume_and_policy_cache(teacher, tmp_path) -> None:
+    """A second run reads the first's continuations from --policy-cache and starts from its
+    student (--resume): its held-out numbers before training are the first run's after."""
+    base = dict(num_layers=1, steps=3, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=1,
+                checkpoint_every=0, eval_batches=1, on_policy=0.5, policy_prompts=3,
+                policy_prompt_len=8, policy_new_tokens=12)
+    cache = tmp_path / "policy.pt"
+    first = distill(teacher.model, teacher.tokenizer, TEXT,
+                    DistillConfig(**base, policy_cache=str(cache)), tmp_path / "a", CPU, progress=False)
+    assert cache.is_file() and not first["policy_from_cache"]
+    second = distill(teacher.model, teacher.tokenizer, TEXT,
+                     DistillConfig(**base, policy_cache=str(cache), resume=str(tmp_path / "a")),
+                     tmp_path / "b", CPU, progress=False)
+    assert second["policy_from_cache"]
+    for k in ("kl", "top1_agreement"):
+        assert second["held_out_before"][k] == pytest.approx(first["held_out_after"][k], rel=1e-4)
+        assert second["held_out_policy_before"][k] == pytest.approx(first["held_out_policy_after"][k], rel=1e-4)
+    with pytest.raises(UserError, match="other settings"):
+        distill(teacher.model, teacher.tokenizer, TEXT,
+                DistillConfig(**{**base, "policy_new_tokens": 10}, policy_cache=str(cache)),
+                tmp_path / "c", CPU, progress=False)
+    with pytest.raises(UserError, match="another shape"):
+        distill(teacher.model, teacher.tokenizer, TEXT,
+                DistillConfig(**{**base, "num_layers": 2}, resume=str(tmp_path / "a")),
+                tmp_path / "d", CPU, progress=False)

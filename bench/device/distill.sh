@@ -11,6 +11,7 @@
 #           cp ../shared/corpora/emma.txt .devw/whl/      (optional: the whole novel)
 #   call 1: carry [".devw/part00"], command: cp .devw/part00 /tmp/   (within 30 s of it:)
 #   call 2: carry [".devw/part01", ".devw/whl"], command: bash bench/device/distill.sh
+#   call 3 (optional, same machine, carry [".devw/whl"]): DISTILL_RESUME=1 DISTILL_LR=5e-4 bash bench/device/distill.sh
 # Results in $OUT: distill.json (training run), acceptance_*.json, log.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -27,18 +28,28 @@ CORPUS=src/llmopt/data/emma.txt
 [ -f $W/whl/emma.txt ] && CORPUS=$W/whl/emma.txt
 END_S=${END_S:-470}             # the whole script ends by then (the device call allows 600)
 P0=/tmp/part00  # left there by call 1
-[ -f $P0 ] || { echo "no $P0 here: the first half did not stay on this machine"; exit 3; }
-cat $P0 $W/part01 > $G
-[ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat $W/whl/gguf.sha256)" ] || { echo "model file checksum differs"; exit 3; }
+SUM=$(cat $W/whl/gguf.sha256)
+if ! { [ -f $G ] && [ "$(sha256sum $G | cut -d' ' -f1)" = "$SUM" ]; }; then  # not yet joined here
+    [ -f $P0 ] || { echo "no $P0 here: the first half did not stay on this machine"; exit 3; }
+    cat $P0 $W/part01 > $G
+    [ "$(sha256sum $G | cut -d' ' -f1)" = "$SUM" ] || { echo "model file checksum differs"; exit 3; }
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/log.txt"
 
 S=/tmp/student
+# A second call on the same warm machine can go on training: DISTILL_RESUME=1 starts from the
+# last call's student, and the teacher's continuations come back from /tmp/policy.pt.
+RESUME=()
+if [ "${DISTILL_RESUME:-0}" = 1 ] && [ -f $S/config.json ]; then
+    rm -rf /tmp/student_prev && mv $S /tmp/student_prev && RESUME=(--resume /tmp/student_prev)
+fi
 timeout $((LIMIT + 60)) python3 -m llmopt.cli.main --debug distill --teacher $G --layers "$LAYERS" --init-layers first \
     --corpus "$CORPUS" --steps 20000 --time-limit "$LIMIT" --batch-size 32 --seq-len 256 \
-    --lr 1e-3 --warmup-steps 100 --checkpoint-every 0 --on-policy 0.9 --policy-prompts "$PROMPTS" \
-    --policy-prompt-len 64 --policy-new-tokens 208 --out $S --device cuda 2>&1 \
+    --lr "${DISTILL_LR:-1e-3}" --warmup-steps 100 --checkpoint-every 0 --on-policy 0.9 --policy-prompts "$PROMPTS" \
+    --policy-prompt-len 64 --policy-new-tokens 208 --policy-cache /tmp/policy.pt "${RESUME[@]}" \
+    --out $S --device cuda 2>&1 \
     | tee -a "$OUT/log.txt"
 cp $S/distill.json "$OUT/distill.json" 2>/dev/null
 A="python3 bench/device/speculative.py acceptance --model $G --draft $S --device cuda --text src/llmopt/data/prideprejudice.txt"

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="finish within this long, teacher generation included: the step count (and "
                         "the learning-rate schedule) is cut to what fits, timed over the first steps")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="start from a student an earlier run wrote (same shape); the optimizer "
+                        "and the learning-rate schedule start afresh")
+    p.add_argument("--policy-cache", default=None, metavar="FILE",
+                   help="teacher continuations: read from FILE when it exists (same settings), "
+                        "else generated and written there")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (loadable as --draft DIR)")
@@ -65,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         freeze_embeddings=not args.train_embeddings, checkpoint_every=args.checkpoint_every,
         seed=args.seed, on_policy=args.on_policy, policy_prompts=args.policy_prompts,
         policy_prompt_len=args.policy_prompt_len, policy_new_tokens=args.policy_new_tokens,
-        unwrap_lines=not args.keep_line_breaks, time_limit_s=args.time_limit,
+        unwrap_lines=not args.keep_line_breaks, time_limit_s=args.time_limit, resume=args.resume,
+        policy_cache=args.policy_cache,
     )
     corpus = Path(args.corpus)
     if not corpus.is_file():

@@ -68,6 +68,12 @@ class DistillConfig:
     # the first training steps are timed, the run is cut to the steps that fit and the
     # learning-rate schedule is stretched over exactly those.
     time_limit_s: float | None = None
+    # Continue from a student written by an earlier run (same shape): its weights replace the
+    # initialisation; the optimizer and schedule start afresh.
+    resume: str | None = None
+    # A file of teacher continuations: read when it exists (made with the same settings), else
+    # generated and written there, so a later run (or a resumed one) skips the generation.
+    policy_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -314,6 +320,40 @@ def evaluate(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor]
     return {"kl": kl_sum / max(1, count), "top1_agreement": agree / max(1, count)}
 
 
+def load_student_weights(student: nn.Module, path: Path) -> None:
+    """Copy a student written by an earlier run (``path``: its output or checkpoint directory)
+    into ``student``, which must have its shape."""
+    from llmopt.loading.loader import load_model
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"--resume {path}: not a model directory (no config.json)")
+    prev = load_model(str(path), device="cpu", dtype=torch.float32, progress=False).model
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim")
+    diff = [f"{f} {getattr(prev.config, f)} (here {getattr(student.config, f)})"
+            for f in fields if getattr(prev.config, f) != getattr(student.config, f)]
+    if diff:
+        raise UserError(f"--resume {path} has another shape: " + ", ".join(diff))
+    own = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, p in prev.named_parameters():
+            own[name].copy_(p)
+
+
+def read_policy_cache(path: Path, key: dict[str, object]) -> dict[str, torch.Tensor] | None:
+    """The cached continuations, or None when ``path`` does not exist yet."""
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"--policy-cache {path} could not be read: {e}") from None
+    if not isinstance(data, dict) or data.get("key") != key:
+        raise UserError(f"--policy-cache {path} was made with other settings (teacher, corpus or "
+                        "--policy-* options); give another file name")
+    return data
+
+
 def save_student(student: nn.Module, tokenizer: Tokenizer | None, out: Path,
                  generation_config: dict[str, object] | None = None) -> None:
     from llmopt.loading.loader import save_checkpoint
@@ -356,6 +396,8 @@ def distill(
     frozen: set[str] = set()
     if cfg.init == "teacher":
         copied, frozen = init_student(student, teacher, cfg)
+    if cfg.resume:
+        load_student_weights(student, Path(cfg.resume))
     student.train()
     params = []
     for name, p in student.named_parameters():
@@ -378,18 +420,33 @@ def distill(
     held = data.eval_batches(cfg.batch_size, cfg.eval_batches)
     policy = held_policy = None
     t_gen = time.perf_counter()
+    from_cache = False
     if cfg.on_policy > 0:
-        # On a GPU the teacher's decode step is compiled and captured (regional): the eager step
-        # at 1,024 rows is mostly launch overhead for a model this small.
-        gen = Generator(teacher, None, device, compile=device.type == "cuda")
-        # Training prompts from the training part, evaluation prompts from the held-out tail.
-        policy = PolicySequences.generate(teacher, data.train, cfg, cfg.policy_prompts, device,
-                                          cfg.seed, progress, generator=gen)
-        held_policy = PolicySequences.generate(teacher, data.held, cfg,
-                                               cfg.batch_size * cfg.eval_batches, device,
-                                               cfg.seed + 7, generator=gen).eval_batches(cfg.batch_size)
-        del gen
-        teacher.clear_caches()
+        key = {"teacher": teacher.config.to_hf_dict(), "corpus_tokens": len(ids),
+               "policy_prompts": cfg.policy_prompts, "policy_prompt_len": cfg.policy_prompt_len,
+               "policy_new_tokens": cfg.policy_new_tokens, "seed": cfg.seed,
+               "eval_prompts": cfg.batch_size * cfg.eval_batches}
+        cached = read_policy_cache(Path(cfg.policy_cache), key) if cfg.policy_cache else None
+        if cached is not None:
+            policy = PolicySequences(cached["train"], cfg.seq_len, cfg.seed)
+            held_seqs = cached["held"]
+            from_cache = True
+        else:
+            # On a GPU the teacher's decode step is compiled and captured (regional): the eager
+            # step at 1,024 rows took about ten times what its arithmetic and memory traffic need.
+            gen = Generator(teacher, None, device, compile=device.type == "cuda")
+            # Training prompts from the training part, evaluation prompts from the held-out tail.
+            policy = PolicySequences.generate(teacher, data.train, cfg, cfg.policy_prompts, device,
+                                              cfg.seed, progress, generator=gen)
+            held_seqs = PolicySequences.generate(teacher, data.held, cfg,
+                                                 cfg.batch_size * cfg.eval_batches, device,
+                                                 cfg.seed + 7, generator=gen).seqs
+            del gen
+            teacher.clear_caches()
+            if cfg.policy_cache:
+                Path(cfg.policy_cache).parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"key": key, "train": policy.seqs, "held": held_seqs}, cfg.policy_cache)
+        held_policy = PolicySequences(held_seqs, cfg.seq_len, cfg.seed).eval_batches(cfg.batch_size)
     gen_s = time.perf_counter() - t_gen
     log.info("teacher continuations: %.1f s", gen_s)
     n_policy = round(cfg.batch_size * cfg.on_policy)
@@ -484,6 +541,7 @@ def distill(
         "held_out_policy_before": before_policy,
         "held_out_policy_after": after_policy,
         "teacher_generation_seconds": round(gen_s, 1),
+        "policy_from_cache": from_cache,
         "steps_run": step,
         "train_seconds": round(train_s, 1),
         "loss_first": history[0] if history else None,
