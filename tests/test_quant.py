@@ -281,8 +281,12 @@ def test_quantize_cli_writes_a_loadable_checkpoint(tiny_dir: Path, tmp_path: Pat
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gptq"
     rc, so, _ = _cli(["quantize", "--model", str(tiny_dir), "--method", "gptq", "--group-size", "32",
-                      "--calib-tokens", "256", "--calib-seq-len", "64", "--out", str(out)], capsys)
+                      "--calib-tokens", "256", "--calib-seq-len", "64", "--out", str(out),
+                      "--json", str(tmp_path / "q.json")], capsys)
     assert rc == 0 and "gptq" in so
+    rec = json.loads((tmp_path / "q.json").read_text())
+    assert rec["method"] == "gptq" and rec["calibration_shape"] == [4, 64] and rec["quantize_s"] > 0
+    assert rec["safetensors_bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "gptq"
     assert (out / "tokenizer.json").exists()

@@ -68,6 +68,12 @@ for r in "$@"; do
         tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "tinygemm or gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;
+        # Issue 4: GPTQ / AWQ of the 7B preset on one GPU (random weights, random calibration
+        # tokens: the time is real, the quality meaningless), quantisation and saving timed.
+        gptq_7b|awq_7b) rm -rf /tmp/q7b; echo "=== $r" | tee -a "$OUT/log.txt"
+            timeout ${RUN_S:-420} ${PY:-python3} -m llmopt.cli.main quantize --model preset:llama-2-7b \
+                --method ${r%_7b} --group-size 128 --out /tmp/q7b --json "$OUT/$r.json" 2>&1 \
+                | grep -v -e Warning -e "quantising" | tail -3 | tee -a "$OUT/log.txt"; rm -rf /tmp/q7b ;;
         l3-8b_b1) run $name --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;
         *) echo "unknown run $r" ;;
     esac

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 8192)")
     p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--json", dest="json_path", default=None,
+                   help="write the timing (quantisation and saving) and sizes to this file")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -88,11 +90,35 @@ def run(args: argparse.Namespace) -> int:
 
         calibration = load_calibration(lm.tokenizer, args.calib, args.calib_tokens or DEFAULT_CALIB_TOKENS,
                                        args.calib_seq_len or DEFAULT_CALIB_SEQ_LEN, lm.config.vocab_size)
+    from llmopt.devices import synchronize
+
+    synchronize(lm.device)
     t0 = time.perf_counter()
     quantize_(lm.model, config, calibration, progress=progress)
+    synchronize(lm.device)
     seconds = time.perf_counter() - t0
+    t_save = time.perf_counter()
     save_quantized(lm.model, lm.tokenizer, config, out)
+    save_s = time.perf_counter() - t_save
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"{config.method}: quantised {args.model} in {seconds:.1f} s -> {out} "
           f"({size / 2**20:.1f} MiB of safetensors)")
+    if args.json_path:
+        import json
+        import sys
+
+        import torch
+
+        from llmopt.devices import device_name
+
+        record = {
+            "command": "llmopt " + " ".join(sys.argv[1:]), "model": args.model,
+            "random_weights": lm.random_weights, "method": config.method, "config": repr(config),
+            "device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+            "calibration_shape": list(calibration.shape) if calibration is not None else None,
+            "load_s": round(lm.load_seconds, 2), "quantize_s": round(seconds, 2),
+            "save_s": round(save_s, 2), "safetensors_bytes": size, "torch": torch.__version__,
+        }
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(record, indent=2))
     return 0
