@@ -9,7 +9,9 @@
 #           split -b 49181216 -d "$G" .devw/part; sha256sum "$G" | cut -d' ' -f1 > .devw/whl/gguf.sha256
 #           pip download --no-deps --only-binary=:all: --python-version 3.12 -d .devw/whl gguf==0.19.0
 #           cp ../shared/corpora/emma.txt .devw/whl/      (optional: the whole novel)
-#   call 1: carry [".devw/part00"], command: cp .devw/part00 /tmp/   (within 30 s of it:)
+#   call 1: carry [".devw/part00"], command: cp .devw/part00 /tmp/ && PYTHONPATH=src python3 -m pytest -q -m gpu
+#           tests/test_gpu_decode.py -k distill   (if that fails: DISTILL_ARGS=--no-compile-teacher)
+#           (within 30 s of it returning:)
 #   call 2: carry [".devw/part01", ".devw/whl"], command: bash bench/device/distill.sh
 #   call 3 (optional, same machine, carry [".devw/whl"]): DISTILL_RESUME=1 DISTILL_LR=5e-4 bash bench/device/distill.sh
 # Results in $OUT: distill.json (training run), acceptance_*.json, log.txt.
@@ -48,7 +50,7 @@ fi
 timeout $((LIMIT + 60)) python3 -m llmopt.cli.main --debug distill --teacher $G --layers "$LAYERS" --init-layers first \
     --corpus "$CORPUS" --steps 20000 --time-limit "$LIMIT" --batch-size 32 --seq-len 256 \
     --lr "${DISTILL_LR:-1e-3}" --warmup-steps 100 --checkpoint-every 0 --on-policy 0.9 --policy-prompts "$PROMPTS" \
-    --policy-prompt-len 64 --policy-new-tokens 208 --policy-cache /tmp/policy.pt "${RESUME[@]}" \
+    --policy-prompt-len 64 --policy-new-tokens 208 --policy-cache /tmp/policy.pt "${RESUME[@]}" ${DISTILL_ARGS:-} \
     --out $S --device cuda 2>&1 \
     | tee -a "$OUT/log.txt"
 cp $S/distill.json "$OUT/distill.json" 2>/dev/null

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-cache", default=None, metavar="FILE",
                    help="teacher continuations: read from FILE when it exists (same settings), "
                         "else generated and written there")
+    p.add_argument("--no-compile-teacher", action="store_true",
+                   help="generate the teacher's continuations eagerly (on a GPU they are "
+                        "generated with a compiled, graph-captured decode step by default)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (loadable as --draft DIR)")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, on_policy=args.on_policy, policy_prompts=args.policy_prompts,
         policy_prompt_len=args.policy_prompt_len, policy_new_tokens=args.policy_new_tokens,
         unwrap_lines=not args.keep_line_breaks, time_limit_s=args.time_limit, resume=args.resume,
-        policy_cache=args.policy_cache,
+        policy_cache=args.policy_cache, compile_teacher=not args.no_compile_teacher,
     )
     corpus = Path(args.corpus)
     if not corpus.is_file():

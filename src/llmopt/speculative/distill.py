@@ -74,6 +74,7 @@ class DistillConfig:
     # A file of teacher continuations: read when it exists (made with the same settings), else
     # generated and written there, so a later run (or a resumed one) skips the generation.
     policy_cache: str | None = None
+    compile_teacher: bool = True  # on a GPU, generate the continuations with a compiled step
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -434,7 +435,7 @@ def distill(
         else:
             # On a GPU the teacher's decode step is compiled and captured (regional): the eager
             # step at 1,024 rows took about ten times what its arithmetic and memory traffic need.
-            gen = Generator(teacher, None, device, compile=device.type == "cuda")
+            gen = Generator(teacher, None, device, compile=cfg.compile_teacher and device.type == "cuda")
             # Training prompts from the training part, evaluation prompts from the held-out tail.
             policy = PolicySequences.generate(teacher, data.train, cfg, cfg.policy_prompts, device,
                                               cfg.seed, progress, generator=gen)
