@@ -119,7 +119,8 @@ def _gemv_args(fmt: str, args: tuple) -> tuple:
 @pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int]) -> None:
-    """The one-row kernels (LLMOPT_WO_KERNEL=triton-gemv) against float64 dequantise-matmul."""
+    """The few-row kernels (LLMOPT_WO_KERNEL=triton-gemv) at 1, 3 and 8 rows against float64
+    dequantise-matmul."""
     from llmopt.quant.kernels import triton_wo
 
     n, k, group = shape
@@ -127,11 +128,12 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int]) ->
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
     args = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
                  else a for a in _formats(w, group)[fmt])
-    x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
-    y = triton_wo.gemv(x, *_gemv_args(fmt, args))
-    expect = x.double() @ _dequant(fmt, args, k).t()
-    assert y.shape == (1, n) and y.dtype == torch.bfloat16
-    assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        y = triton_wo.gemv(x, *_gemv_args(fmt, args))
+        expect = x.double() @ _dequant(fmt, args, k).t()
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2, m
 
 
 @pytest.mark.gpu
@@ -237,35 +239,39 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
                            GROUP=grp, BLOCK_M=T.BLOCK_M, **kw)
                 err = ((out.double() - expect).norm() / expect.norm()).item()
                 worst[fmt] = max(worst.get(fmt, 0.0), err)
-    # the one-row kernels (LLMOPT_WO_KERNEL=triton-gemv), every config
-    x = torch.randn(k, dtype=torch.float16)
-    for fmt in FMTS:
-        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in formats[fmt])
-        wt, s, z, lut, code, grp = _gemv_args(fmt, args)
-        expect = x.double() @ _dequant(fmt, args, k).t()
-        packed = fmt in ("int4", "nf4")
-        n_out = wt.shape[1] if packed else wt.shape[0]
-        kern_g = T._packed_gemv_kernel if packed else T._rowmajor_gemv_kernel
-        configs = T._packed_gemv_configs() if packed else T._rowmajor_gemv_configs()
-        for cfg in configs:
+    # the few-row kernels (LLMOPT_WO_KERNEL=triton-gemv), every config, 1 row and 3 (in a
+    # 4-row block, so one row is masked); the packed kernel adds split-K partial sums into
+    # float32, the row-major one stores its rows in the activation dtype
+    for m in (1, 3):
+        x = torch.randn(m, k, dtype=torch.float16)
+        block_m = triton.next_power_of_2(m)
+        for fmt in FMTS:
+            args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in formats[fmt])
+            wt, s, z, lut, code, grp = _gemv_args(fmt, args)
+            expect = x.double() @ _dequant(fmt, args, k).t()
+            packed = fmt in ("int4", "nf4")
+            n_out = wt.shape[1] if packed else wt.shape[0]
+            kern_g = T._packed_gemv_kernel if packed else T._rowmajor_gemv_kernel
+            configs = T._packed_gemv_configs() if packed else T._rowmajor_gemv_configs()
+            for cfg in T._few_rows_prune(configs, {}, BLOCK_M=block_m):
+                kw = cfg.kwargs
+                out = torch.zeros((m, n_out), dtype=torch.float32 if packed else torch.float16)
+                grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"]) if packed else (triton.cdiv(n_out, kw["BLOCK_N"]),)
+                extra = (lut,) if packed else ()
+                kern_g.fn[grid](x, wt, s, z, *extra, out, m, n_out, k, x.stride(0), FMT=code, GROUP=grp,
+                                BLOCK_M=block_m, **kw)
+                err = ((out.double() - expect).norm() / expect.norm()).item()
+                worst[fmt + "-gemv"] = max(worst.get(fmt + "-gemv", 0.0), err)
+        dense = (torch.randn(n, k) * 0.05).half()
+        expect = x.double() @ dense.double().t()
+        for cfg in T._few_rows_prune(T._rowmajor_gemv_configs(), {}, BLOCK_M=block_m):
             kw = cfg.kwargs
-            # the packed kernel adds split-K partial sums into float32; the row-major one stores
-            # its rows in the activation dtype
-            out = torch.zeros((n_out,), dtype=torch.float32 if packed else torch.float16)
-            grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"]) if packed else (triton.cdiv(n_out, kw["BLOCK_N"]),)
-            extra = (lut,) if packed else ()
-            kern_g.fn[grid](x, wt, s, z, *extra, out, n_out, k, FMT=code, GROUP=grp, **kw)
+            out = torch.zeros((m, n), dtype=torch.float16)
+            grid = (triton.cdiv(n, kw["BLOCK_N"]),)
+            T._rowmajor_gemv_kernel.fn[grid](x, dense, dense, dense, out, m, n, k, x.stride(0), FMT=T.FMT_DENSE,
+                                             GROUP=1 << 30, BLOCK_M=block_m, **kw)
             err = ((out.double() - expect).norm() / expect.norm()).item()
-            worst[fmt + "-gemv"] = max(worst.get(fmt + "-gemv", 0.0), err)
-    dense = (torch.randn(n, k) * 0.05).half()
-    expect = x.double() @ dense.double().t()
-    for cfg in T._rowmajor_gemv_configs():
-        kw = cfg.kwargs
-        out = torch.zeros((n,), dtype=torch.float16)
-        grid = (triton.cdiv(n, kw["BLOCK_N"]),)
-        T._rowmajor_gemv_kernel.fn[grid](x, dense, dense, dense, out, n, k, FMT=T.FMT_DENSE, GROUP=1 << 30, **kw)
-        err = ((out.double() - expect).norm() / expect.norm()).item()
-        worst["dense-gemv"] = max(worst.get("dense-gemv", 0.0), err)
+            worst["dense-gemv"] = max(worst.get("dense-gemv", 0.0), err)
 print(worst)
 assert all(e < 2e-3 for e in worst.values()), worst
 '''
@@ -301,18 +307,22 @@ from llmopt.quant.kernels import triton_wo as T
 ptxas = get_ptxas(90)
 ptxas = getattr(ptxas, "path", ptxas)
 C = "constexpr"
-common = {"N": "i32", "K": "i32", "FMT": C, "GROUP": C, "BLOCK_N": C, "BLOCK_K": C}
+common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "FMT": C, "GROUP": C, "BLOCK_M": C,
+          "BLOCK_N": C, "BLOCK_K": C}
 cases = []
-for cfg in T._packed_gemv_configs():
-    for fmt, grp in ((T.FMT_INT4, 32), (T.FMT_INT4, 128), (T.FMT_NF4, 64)):
-        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
-               "out_ptr": "*fp32", **common, "SPLIT_K": C}
-        cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
-for cfg in T._rowmajor_gemv_configs():
-    for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
-                         (T.FMT_DENSE, 1 << 30, "*bf16")):
-        sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", **common}
-        cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, **cfg.kwargs}, cfg.num_warps))
+for block_m in (1, 8):
+    for cfg in T._few_rows_prune(T._packed_gemv_configs(), {}, BLOCK_M=block_m):
+        for fmt, grp in ((T.FMT_INT4, 32), (T.FMT_INT4, 128), (T.FMT_NF4, 64)):
+            sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
+                   "out_ptr": "*fp32", **common, "SPLIT_K": C}
+            cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m, **cfg.kwargs},
+                          cfg.num_warps))
+    for cfg in T._few_rows_prune(T._rowmajor_gemv_configs(), {}, BLOCK_M=block_m):
+        for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
+                             (T.FMT_DENSE, 1 << 30, "*bf16")):
+            sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", **common}
+            cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m, **cfg.kwargs},
+                          cfg.num_warps))
 spilled = []
 for kern, sig, consts, warps in cases:
     k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=consts),

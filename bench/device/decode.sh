@@ -52,6 +52,8 @@ for r in "$@"; do
         l2-7b_int4g128) run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_b8) run $name $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_int4g128_b8_triton) LLMOPT_WO_KERNEL=triton run $name $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int4g128_b8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g128 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
+        l2-7b_int8_b8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int8 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_int4g32_b8) run $name $L7 --quant int4-g32 --batch-size 8 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_nf4) run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_fp8) run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;

@@ -80,7 +80,7 @@ def main() -> int:
             base_us = _time_us(partial(F.linear, x, bf16))
             rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": "cublas", "us": base_us,
                              "bytes": 2 * n * k, "gb_per_s": 2 * n * k / base_us / 1e3})
-            if m == 1:  # the one-row kernel on unquantised weights: could it replace cuBLAS?
+            if m <= 8:  # the few-row kernel on unquantised weights: could it replace cuBLAS?
                 dense = partial(T.gemv, x, bf16, bf16, bf16, bf16, T.FMT_DENSE, 1 << 30)
                 expect = x.double() @ bf16.double().t()
                 err = ((dense().double() - expect).norm() / expect.norm()).item()
@@ -96,7 +96,7 @@ def main() -> int:
                 matmul = {"int8": T.int8_matmul, "int8g": T.int8g_matmul, "int4": T.int4_matmul,
                           "nf4": T.nf4_matmul, "fp8": T.fp8_matmul}[fmt]
                 cands = {"triton": partial(matmul, x, *fargs)}
-                if m == 1:
+                if m <= 8:  # the few-row kernels take up to 8 rows
                     cands["triton-gemv"] = partial(T.gemv, x, *_gemv_args(fmt, fargs))
                 if fmt == "int4":
                     cands["tinygemm"] = _tinygemm(x, fargs, n, k)

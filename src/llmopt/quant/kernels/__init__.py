@@ -39,6 +39,7 @@ KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv")
 # 233.6, int4 shapes tinygemm does not take 206.9 against 150.3. Per-channel int8 stays on the
 # tiled kernel (256.8 against 252.3; 16.9 against 20.7 us on the 4096x11008 layer).
 AUTO_ONE_ROW = frozenset({"int4", "int8g", "nf4", "fp8"})
+GEMV_ROWS = 8  # the most rows the few-row kernels take (triton_wo.GEMV_MAX_ROWS)
 
 
 def gpu_kernel_choice() -> str:
@@ -49,9 +50,10 @@ def gpu_kernel_choice() -> str:
     other formats (and int4 shapes tinygemm does not take) through the one-row Triton kernels at
     batch 1. ``tinygemm`` is int4 through tinygemm and every other format through the tiled
     Triton kernel; ``triton`` sends every format to the tiled kernels in ``triton_wo.py``;
-    ``triton-gemv`` every format at one row to ``triton_wo.gemv`` (no padded tl.dot rows, large
-    tiles along K) and everything else to ``triton``; ``torch`` the plain-PyTorch path, which
-    torch.compile fuses (dequantise inside inductor's GEMV)."""
+    ``triton-gemv`` every format at 1 to 8 rows to ``triton_wo.gemv`` (no padded tl.dot rows,
+    large tiles along K, each weight tile decoded once for all rows; not measured above one row)
+    and everything else to ``triton``; ``torch`` the plain-PyTorch path, which torch.compile
+    fuses (dequantise inside inductor's GEMV)."""
     choice = os.environ.get("LLMOPT_WO_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         from llmopt.errors import UserError
@@ -60,18 +62,18 @@ def gpu_kernel_choice() -> str:
     return choice
 
 
-def one_row_formats(choice: str) -> frozenset[str]:
-    """The formats a choice sends to the one-row kernels when the input is a single row."""
+def gemv_rows(choice: str, fmt: str) -> int:
+    """The most input rows a kernel choice sends to the few-row kernels for one format (0: none)."""
     if choice == "triton-gemv":
-        return frozenset({"int8", "int4", "int8g", "nf4", "fp8"})
-    return AUTO_ONE_ROW if choice == "auto" else frozenset()
+        return GEMV_ROWS
+    return 1 if choice == "auto" and fmt in AUTO_ONE_ROW else 0
 
 
 # Decided once at import: forward() runs under torch.compile, which cannot trace
 # importlib or os.environ lookups (dynamo refuses find_spec as a skipped function).
 _CHOICE = gpu_kernel_choice()
 _TRITON_OK = importlib.util.find_spec("triton") is not None and _CHOICE != "torch"
-_ONE_ROW = one_row_formats(_CHOICE)
+_GEMV_ROWS = {f: gemv_rows(_CHOICE, f) for f in ("int8", "int8g", "int4", "nf4", "fp8")}
 _TINYGEMM = _CHOICE in ("auto", "tinygemm") and hasattr(torch, "_weight_int4pack_mm")
 TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
 
@@ -103,7 +105,7 @@ def int8_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import int8_matmul
 
-        y = int8_matmul(x, qweight, scales, one_row="int8" in _ONE_ROW)
+        y = int8_matmul(x, qweight, scales, gemv_rows=_GEMV_ROWS["int8"])
         return y if bias is None else y + bias
     if _cpu_small(x) and hasattr(torch, "_weight_int8pack_mm"):
         # CPU decode: torch's int8 GEMV is 1.35x (fp32) to 10x (bf16) faster than the float
@@ -124,7 +126,7 @@ def int8g_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import int8g_matmul
 
-        y = int8g_matmul(x, qweight, scales, zeros, group_size, one_row="int8g" in _ONE_ROW)
+        y = int8g_matmul(x, qweight, scales, zeros, group_size, gemv_rows=_GEMV_ROWS["int8g"])
         return y if bias is None else y + bias
     return ref.int8g_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -160,7 +162,7 @@ def int4_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import int4_matmul
 
-        y = int4_matmul(x, qweight, scales, zeros, group_size, one_row="int4" in _ONE_ROW)
+        y = int4_matmul(x, qweight, scales, zeros, group_size, gemv_rows=_GEMV_ROWS["int4"])
         return y if bias is None else y + bias
     return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
 
@@ -174,7 +176,7 @@ def nf4_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import nf4_matmul
 
-        y = nf4_matmul(x, qweight, absmax, block_size, lut, one_row="nf4" in _ONE_ROW)
+        y = nf4_matmul(x, qweight, absmax, block_size, lut, gemv_rows=_GEMV_ROWS["nf4"])
         return y if bias is None else y + bias
     return ref.nf4_linear_ref(x, qweight, absmax, block_size, bias, lut)
 
@@ -191,6 +193,6 @@ def fp8_linear(
     if _use_triton(x):
         from llmopt.quant.kernels.triton_wo import fp8_matmul
 
-        y = fp8_matmul(x, qweight, scales, one_row="fp8" in _ONE_ROW)
+        y = fp8_matmul(x, qweight, scales, gemv_rows=_GEMV_ROWS["fp8"])
         return y if bias is None else y + bias
     return ref.fp8_linear_ref(x, qweight, scales, bias)

@@ -114,14 +114,17 @@ def _wo_matmul_kernel(
         tl.atomic_add(out_ptrs, acc, mask=omask)
 
 
-# -- one-row kernels (decode at batch 1; LLMOPT_WO_KERNEL=triton-gemv) ----------------------------
+# -- few-row kernels (decode at batch 1..GEMV_MAX_ROWS; LLMOPT_WO_KERNEL=triton-gemv) ----------------
 # No tl.dot (whose 16-row tile wastes 15 rows at batch 1), and big tiles along K, so that each
 # iteration has kilobytes of weights in flight: the matmul kernel's small tiles (2-4 KB per step)
 # left the int4 path latency-bound at 0.4-0.6 TB/s on an H200. A tile covers whole quantisation
 # groups (BLOCK_K a multiple of GROUP) or lies inside one (GROUP a multiple of BLOCK_K), so the
 # zero point comes out of each group's sum: sum_k (q - z) s x = s (sum_k q x - z sum_k x).
 # Tiles and groups are powers of two (``_launch`` checks the group size), so one always nests in
-# the other.
+# the other. Each weight tile is loaded and decoded once and then used for every input row (up
+# to BLOCK_M, unrolled), so a few rows cost little more weight traffic than one.
+
+GEMV_MAX_ROWS = 8
 
 
 def _packed_gemv_configs() -> list[triton.Config]:
@@ -144,107 +147,143 @@ def _rowmajor_gemv_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in table]
 
 
-@triton.autotune(configs=_packed_gemv_configs(), key=["N", "K", "FMT", "GROUP"], reset_to_zero=["out_ptr"])
+def _few_rows_prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Several input rows keep more values live: only tiles of at most 16 K weights and 64
+    output columns then (wider ones spilled registers in ptxas for sm_90 at 8 rows)."""
+    rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    if rows == 1:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384
+            and c.kwargs["BLOCK_N"] <= 64]
+
+
+@triton.jit
+def _add_row(acc, contrib, rows, m):
+    """acc [BLOCK_M, BN] with contrib [BN] added to row m (a register tile has no row store)."""
+    return acc + tl.where(rows[:, None] == m, contrib[None, :], 0.0)
+
+
+@triton.autotune(configs=_packed_gemv_configs(), key=["N", "K", "FMT", "GROUP", "BLOCK_M"],
+                 reset_to_zero=["out_ptr"], prune_configs_by={"early_config_prune": _few_rows_prune})
 @triton.jit
 def _packed_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K,
-    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, M, N, K, stride_xm,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """x [K] against 4-bit codes [K/8, N] (int4 or nf4): each int32 word loaded once and split into
-    its 8 codes by broadcast shifts ([BK/8, 8, BN]), then viewed per group as [NG, GK, BN]."""
+    """x [M, K] against 4-bit codes [K/8, N] (int4 or nf4) into a float32 out [M, N]: each
+    int32 word loaded once and split into its 8 codes by broadcast shifts ([BK/8, 8, BN]), then
+    viewed per group as [NG, GK, BN] and decoded once for all M rows."""
     NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups per tile
     GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K  # of the tile's k, per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    rows_m = tl.arange(0, BLOCK_M)
     shifts = tl.arange(0, 8) * 4
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # [BK]
         rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         q = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
                     mask=(rows[:, None] < K // 8) & mask_n[None, :], other=0)  # [BK/8, BN]
-        codes = (q[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN]
-        codes = tl.reshape(codes, (NG, GK, BLOCK_N))
-        x3 = tl.reshape(x, (NG, GK))
+        codes = tl.reshape((q[:, None, :] >> shifts[None, :, None]) & 0xF, (NG, GK, BLOCK_N))
         g = k0 // GROUP + tl.arange(0, NG)
         gmask = ((g * GROUP)[:, None] < K) & mask_n[None, :]
         sc = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
         if FMT == 1:
-            dot = tl.sum(codes.to(tl.float32) * x3[:, :, None], axis=1)  # [NG, BN]
+            wv = codes.to(tl.float32)
             zp = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            acc += tl.sum(sc * (dot - zp * tl.sum(x3, axis=1)[:, None]), axis=0)
         else:
-            w = tl.load(lut_ptr + codes).to(tl.float32)  # [NG, GK, BN]
-            acc += tl.sum(sc * tl.sum(w * x3[:, :, None], axis=1), axis=0)
+            wv = tl.load(lut_ptr + codes).to(tl.float32)  # [NG, GK, BN]
+        for m in tl.static_range(BLOCK_M):
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & (offs_k * 0 + m < M),
+                        other=0.0).to(tl.float32)  # [BK]
+            x3 = tl.reshape(x, (NG, GK))
+            dot = tl.sum(wv * x3[:, :, None], axis=1)  # [NG, BN]
+            if FMT == 1:
+                dot = dot - zp * tl.sum(x3, axis=1)[:, None]
+            acc = _add_row(acc, tl.sum(sc * dot, axis=0), rows_m, m)
+    out_ptrs = out_ptr + rows_m[:, None] * N + offs_n[None, :]
+    omask = (rows_m[:, None] < M) & mask_n[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, acc, mask=mask_n)
+        tl.store(out_ptrs, acc, mask=omask)
     else:
-        tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n)
+        tl.atomic_add(out_ptrs, acc, mask=omask)
 
 
-@triton.autotune(configs=_rowmajor_gemv_configs(), key=["N", "K", "FMT", "GROUP"])
+@triton.autotune(configs=_rowmajor_gemv_configs(), key=["N", "K", "FMT", "GROUP", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": _few_rows_prune})
 @triton.jit
 def _rowmajor_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """x [K] against row-major weights w [N, K] (int8, fp8, int8g; FMT_DENSE: plain bf16/fp16,
-    the baseline the quantised formats are measured against): each program reads BLOCK_N rows
-    of BLOCK_K contiguous weights per iteration, sums along K in float32 and stores its rows in
-    out's dtype."""
+    """x [M, K] against row-major weights w [N, K] (int8, fp8, int8g; FMT_DENSE: plain bf16/fp16,
+    the baseline the quantised formats are measured against) into out [M, N]: each program reads
+    BLOCK_N rows of BLOCK_K contiguous weights per iteration, sums along K in float32 for every
+    input row and stores its outputs in out's dtype."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # int8g: groups per tile
+    GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
+    rows_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0 if FMT == 3 or FMT == 5 else 0).to(tl.float32)  # [BN, BK]
         if FMT == 4:
-            NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
-            GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
-            x3 = tl.reshape(x, (NG, GK))
-            dot = tl.sum(tl.reshape(w, (BLOCK_N, NG, GK)) * x3[None, :, :], axis=2)  # [BN, NG]
+            w3 = tl.reshape(w, (BLOCK_N, NG, GK))
             g = k0 // GROUP + tl.arange(0, NG)
             gmask = mask_n[:, None] & ((g * GROUP)[None, :] < K)
             sc = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
             zp = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
-            acc += tl.sum(sc * (dot - zp * tl.sum(x3, axis=1)[None, :]), axis=1)
-        else:
-            acc += tl.sum(w * x[None, :], axis=1)
+        for m in tl.static_range(BLOCK_M):
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k & (offs_k * 0 + m < M), other=0.0).to(tl.float32)
+            if FMT == 4:
+                x3 = tl.reshape(x, (NG, GK))
+                dot = tl.sum(w3 * x3[None, :, :], axis=2)  # [BN, NG]
+                contrib = tl.sum(sc * (dot - zp * tl.sum(x3, axis=1)[None, :]), axis=1)
+            else:
+                contrib = tl.sum(w * x[None, :], axis=1)
+            acc = _add_row(acc, contrib, rows_m, m)
     if FMT == 0 or FMT == 3:  # per-channel scale after the sum
-        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows_m[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & mask_n[None, :])
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
          fmt: int, group: int) -> torch.Tensor:
-    """x [..., K] holding one row, against any weight-only format (``FMT_*``); int4/nf4 codes
-    [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and zeros) [G, N], per-channel
-    ones [N]; with FMT_DENSE, s, z and lut are not read."""
+    """x [..., K] holding at most GEMV_MAX_ROWS rows, against any weight-only format
+    (``FMT_*``); int4/nf4 codes [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and
+    zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
-    x1 = x.reshape(k).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    block_m = triton.next_power_of_2(m)
     if not packed:  # one kernel, storing x's dtype
-        out = torch.empty((n,), device=x.device, dtype=x.dtype)
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         _rowmajor_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x1, w, s, z, out, n, k, FMT=fmt, GROUP=group)
+            x2, w, s, z, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m)
         return out.reshape(*x.shape[:-1], n)
     # The packed kernel splits K (too few column tiles otherwise): float32 partial sums added
     # atomically into a zeroed buffer, then one cast.
-    out = torch.zeros((n,), device=x.device, dtype=torch.float32)
+    out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     _packed_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-        x1, w, s, z, lut, out, n, k, FMT=fmt, GROUP=group)
+        x2, w, s, z, lut, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -254,11 +293,13 @@ def _nf4_lut(device: torch.device) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-            n: int, fmt: int, group: int, one_row: bool = False) -> torch.Tensor:
-    """``one_row``: send a single row of x to the one-row kernels (``gemv``) where they take the
-    group size (powers of two, so tiles and groups nest); everything else to the tile kernel."""
+            n: int, fmt: int, group: int, gemv_rows: int = 0) -> torch.Tensor:
+    """``gemv_rows``: send inputs of at most that many rows (and at most GEMV_MAX_ROWS) to the
+    few-row kernels (``gemv``) where they take the group size (powers of two, so tiles and
+    groups nest); everything else to the tile kernel."""
     k = x.shape[-1]
-    if one_row and x.numel() == k and group >= 8 and group & (group - 1) == 0:
+    if (x.numel() <= min(gemv_rows, GEMV_MAX_ROWS) * k and group >= 8
+            and group & (group - 1) == 0):
         return gemv(x, w, s, z, lut, fmt, group)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -276,30 +317,30 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, 
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                one_row: bool = False) -> torch.Tensor:
+                gemv_rows: int = 0) -> torch.Tensor:
     """x [..., K] @ (qweight [N, K] int8 * scales[N]).T"""
-    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_INT8, 1 << 30, one_row)
+    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_INT8, 1 << 30, gemv_rows)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, one_row: bool = False) -> torch.Tensor:
+                group_size: int, gemv_rows: int = 0) -> torch.Tensor:
     """x [..., K] @ W.T with W from codes [K/8, N] and scales/zeros [G, N]."""
-    return _launch(x, qweight, scales, zeros, scales, qweight.shape[1], FMT_INT4, group_size, one_row)
+    return _launch(x, qweight, scales, zeros, scales, qweight.shape[1], FMT_INT4, group_size, gemv_rows)
 
 
 def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, block_size: int,
-               lut: torch.Tensor | None = None, one_row: bool = False) -> torch.Tensor:
+               lut: torch.Tensor | None = None, gemv_rows: int = 0) -> torch.Tensor:
     lut = _nf4_lut(x.device) if lut is None else lut
-    return _launch(x, qweight, absmax, absmax, lut, qweight.shape[1], FMT_NF4, block_size, one_row)
+    return _launch(x, qweight, absmax, absmax, lut, qweight.shape[1], FMT_NF4, block_size, gemv_rows)
 
 
 def int8g_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, one_row: bool = False) -> torch.Tensor:
+                 group_size: int, gemv_rows: int = 0) -> torch.Tensor:
     """x [..., K] @ W.T with W = (qweight [N, K] int8 - zeros[g]) * scales[g], scales/zeros [G, N]."""
-    return _launch(x, qweight, scales, zeros, scales, qweight.shape[0], FMT_INT8G, group_size, one_row)
+    return _launch(x, qweight, scales, zeros, scales, qweight.shape[0], FMT_INT8G, group_size, gemv_rows)
 
 
 def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               one_row: bool = False) -> torch.Tensor:
+               gemv_rows: int = 0) -> torch.Tensor:
     """Weight-only FP8: e4m3 weights converted to the activation dtype in registers."""
-    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_FP8, 1 << 30, one_row)
+    return _launch(x, qweight, scales, scales, scales, qweight.shape[0], FMT_FP8, 1 << 30, gemv_rows)
