@@ -1,0 +1,60 @@
+"""The Triton attention kernels (split-K decode over a static cache; paged attention) on CPU
+through Triton's interpreter, against their plain-PyTorch references: their arithmetic is then
+checked where there is no GPU (the GPU tests cover speed-relevant paths and dtypes there).
+Skipped without triton."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from llmopt.kernels.decode_attention import decode_attention, reference_decode_attention
+from llmopt.attention.paged import build_paged_metadata, paged_attention_reference
+from llmopt.attention.paged_triton import paged_attention_triton
+from test_paged_attention import _random_case
+
+torch.manual_seed(0)
+worst = {}
+# decode: GQA and MHA, a sliding window, ragged lengths, several splits
+for bsz, hq, hkv, d, max_len, window, splits in [(2, 8, 2, 64, 150, 0, 3), (3, 4, 4, 32, 90, 20, 2)]:
+    q = torch.randn(bsz, hq, d)
+    k = torch.randn(bsz, hkv, max_len, d)
+    v = torch.randn(bsz, hkv, max_len, d)
+    lengths = torch.randint(1, max_len + 1, (bsz,))
+    lengths[0] = max_len
+    out = decode_attention(q, k, v, lengths, d ** -0.5, window, num_splits=splits)
+    ref = reference_decode_attention(q, k, v, lengths, d ** -0.5, window)
+    worst["decode"] = max(worst.get("decode", 0.0), (out - ref).abs().max().item())
+# paged: prefill chunks and decode rows in one batch, with and without a window
+dev = torch.device("cpu")
+qlens, starts = [1, 37, 5, 1], [0, 20, 15, 70]
+for window in (None, 24):
+    q, kc, vc, tables = _random_case(dev, torch.float32, qlens, starts, 4, 2, 32, seed=3)
+    ref_meta = build_paged_metadata(qlens, starts, tables, 16, dev, sliding_window=window)
+    tri_meta = build_paged_metadata(qlens, starts, tables, 16, dev, sliding_window=window,
+                                    use_triton=True, table_width=8)
+    ref = paged_attention_reference(q, kc, vc, ref_meta)
+    out = paged_attention_triton(q, kc, vc, tri_meta)
+    worst["paged"] = max(worst.get("paged", 0.0), (out - ref).abs().max().item())
+print(worst)
+assert all(e < 1e-4 for e in worst.values()), worst
+'''
+
+
+def test_attention_kernels_under_the_interpreter(tmp_path: Path) -> None:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = tmp_path / "interp_attention.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
+                       text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
