@@ -57,3 +57,28 @@ def save_hf_model(variant: str, out: Path, seed: int = 0) -> Any:
     model = make_hf_model(variant, seed)
     model.save_pretrained(out)
     return model
+
+
+def run_triton_script(script: str, tmp_path: Path, interpret: bool) -> None:
+    """Run ``script`` (Python source) in a fresh interpreter with this tests folder as its argv[1]:
+    under Triton's CPU interpreter when ``interpret`` (no GPU visible), else as is (e.g. compiling
+    for a GPU target without one). Skips the calling test without triton; fails on a non-zero exit."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    path = tmp_path / "triton_script.py"
+    path.write_text(script)
+    here = Path(__file__).parent
+    # The repository root on the path too: test modules the script imports import ``tests.*``.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    if interpret:
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, str(path), str(here)], capture_output=True,
+                       text=True, timeout=900, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])

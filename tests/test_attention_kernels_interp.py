@@ -5,13 +5,9 @@ Skipped without triton."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from tests.helpers import run_triton_script
 
 _SCRIPT = r'''
 import sys, torch
@@ -50,11 +46,4 @@ assert all(e < 1e-4 for e in worst.values()), worst
 
 
 def test_attention_kernels_under_the_interpreter(tmp_path: Path) -> None:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    script = tmp_path / "interp_attention.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
-                       text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_triton_script(_SCRIPT, tmp_path, interpret=True)

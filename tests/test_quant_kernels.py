@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import run_triton_script
 
 from llmopt.quant import primitives as P
 from llmopt.quant.kernels import reference as ref
@@ -280,20 +281,7 @@ assert all(e < 2e-3 for e in worst.values()), worst
 def test_triton_kernel_every_config_under_the_interpreter(tmp_path) -> None:
     """The Triton kernel's arithmetic on CPU through TRITON_INTERPRET=1 (every autotune config,
     batch 1 and 3, a ragged K), for machines with triton but no GPU; skipped without triton."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    script = tmp_path / "interp.py"
-    script.write_text(_INTERPRET_SCRIPT)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
-                       text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_triton_script(_INTERPRET_SCRIPT, tmp_path, interpret=True)
 
 
 _COMPILE_SCRIPT = r'''
@@ -341,13 +329,4 @@ assert not spilled, spilled
 def test_gemv_kernels_compile_for_hopper_without_spills(tmp_path) -> None:
     """Every one-row kernel config compiles for sm_90 (Triton's own compiler and ptxas, no GPU
     needed) with no register spills; skipped without triton."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    script = tmp_path / "compile.py"
-    script.write_text(_COMPILE_SCRIPT)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    run_triton_script(_COMPILE_SCRIPT, tmp_path, interpret=False)

@@ -39,7 +39,7 @@ KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv")
 # 233.6, int4 shapes tinygemm does not take 206.9 against 150.3. Per-channel int8 stays on the
 # tiled kernel (256.8 against 252.3; 16.9 against 20.7 us on the 4096x11008 layer).
 AUTO_ONE_ROW = frozenset({"int4", "int8g", "nf4", "fp8"})
-GEMV_ROWS = 8  # the most rows the few-row kernels take (triton_wo.GEMV_MAX_ROWS)
+GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) take
 
 
 def gpu_kernel_choice() -> str:
@@ -65,7 +65,7 @@ def gpu_kernel_choice() -> str:
 def gemv_rows(choice: str, fmt: str) -> int:
     """The most input rows a kernel choice sends to the few-row kernels for one format (0: none)."""
     if choice == "triton-gemv":
-        return GEMV_ROWS
+        return GEMV_MAX_ROWS
     return 1 if choice == "auto" and fmt in AUTO_ONE_ROW else 0
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmopt.quant.kernels import GEMV_MAX_ROWS
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
@@ -123,8 +124,6 @@ def _wo_matmul_kernel(
 # Tiles and groups are powers of two (``_launch`` checks the group size), so one always nests in
 # the other. Each weight tile is loaded and decoded once and then used for every input row (up
 # to BLOCK_M, unrolled), so a few rows cost little more weight traffic than one.
-
-GEMV_MAX_ROWS = 8
 
 
 def _packed_gemv_configs() -> list[triton.Config]:
