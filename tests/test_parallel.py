@@ -459,3 +459,16 @@ def test_fused_projections_must_be_split_first() -> None:
     fuse_projections(model)
     with pytest.raises(UserError, match="before fusing"):
         make_plan(model, 2, 0)
+
+
+def test_allreduce_auto_is_symmetric_memory_on_gpus_only() -> None:
+    """--tp-allreduce auto (the default) picks the measured-fastest all-reduce per device, and
+    an explicit choice is kept as given."""
+    import torch
+
+    from llmopt.parallel.process_group import resolve_allreduce
+
+    assert resolve_allreduce("auto", torch.device("cuda", 1)) == "symm-one-shot"
+    assert resolve_allreduce("auto", torch.device("cpu")) == "nccl"  # gloo's own all-reduce
+    assert resolve_allreduce("nccl", torch.device("cuda", 0)) == "nccl"
+    assert resolve_allreduce("symm-two-shot", torch.device("cuda", 0)) == "symm-two-shot"

@@ -254,7 +254,7 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
             n_out = wt.shape[1] if packed else wt.shape[0]
             kern_g = T._packed_gemv_kernel if packed else T._rowmajor_gemv_kernel
             configs = T._packed_gemv_configs() if packed else T._rowmajor_gemv_configs()
-            for cfg in T._few_rows_prune(configs, {}, BLOCK_M=block_m):
+            for cfg in T.gemv_configs(configs, block_m):
                 kw = cfg.kwargs
                 out = torch.zeros((m, n_out), dtype=torch.float32 if packed else torch.float16)
                 grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"]) if packed else (triton.cdiv(n_out, kw["BLOCK_N"]),)
@@ -265,7 +265,7 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
                 worst[fmt + "-gemv"] = max(worst.get(fmt + "-gemv", 0.0), err)
         dense = (torch.randn(n, k) * 0.05).half()
         expect = x.double() @ dense.double().t()
-        for cfg in T._few_rows_prune(T._rowmajor_gemv_configs(), {}, BLOCK_M=block_m):
+        for cfg in T.gemv_configs(T._rowmajor_gemv_configs(), block_m):
             kw = cfg.kwargs
             out = torch.zeros((m, n), dtype=torch.float16)
             grid = (triton.cdiv(n, kw["BLOCK_N"]),)
@@ -299,13 +299,13 @@ common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "FMT": C, "GRO
           "BLOCK_N": C, "BLOCK_K": C}
 cases = []
 for block_m in (1, 8):
-    for cfg in T._few_rows_prune(T._packed_gemv_configs(), {}, BLOCK_M=block_m):
+    for cfg in T.gemv_configs(T._packed_gemv_configs(), block_m):
         for fmt, grp in ((T.FMT_INT4, 32), (T.FMT_INT4, 128), (T.FMT_NF4, 64)):
             sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
                    "out_ptr": "*fp32", **common, "SPLIT_K": C}
             cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m, **cfg.kwargs},
                           cfg.num_warps))
-    for cfg in T._few_rows_prune(T._rowmajor_gemv_configs(), {}, BLOCK_M=block_m):
+    for cfg in T.gemv_configs(T._rowmajor_gemv_configs(), block_m):
         for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
                              (T.FMT_DENSE, 1 << 30, "*bf16")):
             sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", **common}

@@ -33,7 +33,7 @@ for r in "$@"; do
         echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue
     fi
     case $r in
-        tests) python3 -m pytest -q -m gpu tests/test_gpu_decode.py -p no:cacheprovider 2>&1 | tail -6 | tee -a "$OUT/log.txt" ;;
+        tests) timeout ${TEST_S:-240} python3 -m pytest -q -m gpu tests/test_gpu_decode.py -p no:cacheprovider 2>&1 | tail -6 | tee -a "$OUT/log.txt" ;;
         l2-7b_b1) run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_profile) run $name $L7 --prompt-len 5 --new-tokens 200 --runs 3 --profile "$OUT/profile" ;;
         l2-7b_b1_autotune) run $name $L7 --compile-mode max-autotune --prompt-len 5 --new-tokens 200 --runs 5 ;;

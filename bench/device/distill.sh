@@ -21,14 +21,14 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 W=.devw
 G=/tmp/smollm2-135m.Q4_1.gguf
-LIMIT=${DISTILL_S:-300}          # seconds for the whole distill run (the step count is cut to fit)
-LAYERS=${DISTILL_LAYERS:-8}
+LIMIT=${DISTILL_S:-310}          # seconds for the whole distill run (the step count is cut to fit)
+LAYERS=${DISTILL_LAYERS:-12}
 PROMPTS=${DISTILL_PROMPTS:-16384}  # teacher continuations to train on (generated compiled, 1,024 at a time)
 # The whole of emma.txt when it travelled (cp ../shared/corpora/emma.txt .devw/whl/), else the
 # package's excerpt (its first 300 KB).
 CORPUS=src/llmopt/data/emma.txt
 [ -f $W/whl/emma.txt ] && CORPUS=$W/whl/emma.txt
-END_S=${END_S:-470}             # the whole script ends by then (the device call allows 600)
+END_S=${END_S:-555}             # the whole script ends by then (the device call allows 600)
 P0=/tmp/part00  # left there by call 1
 SUM=$(cat $W/whl/gguf.sha256)
 if ! { [ -f $G ] && [ "$(sha256sum $G | cut -d' ' -f1)" = "$SUM" ]; }; then  # not yet joined here
@@ -58,6 +58,8 @@ A="python3 bench/device/speculative.py acceptance --model $G --draft $S --device
 # The CPU runs' setting (8 prompts, 64 tokens, 48 new, k = 4 fixed, eager), then the wall-clock
 # case: 32 prompts, 128 new tokens, adaptive k, compiled plain/verify/draft steps.
 timeout 60 $A --fixed-k --out "$OUT/acceptance_k4.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
+# The target's setting on more text (k = 4 fixed, 32 prompts x 96 new tokens), compiled steps:
+timeout $((END_S - 60 - SECONDS)) $A --fixed-k --prompts 32 --new-tokens 96 --compile --out "$OUT/acceptance_k4_compiled_32x96.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
 timeout $((END_S - 5 - SECONDS)) $A --prompts 32 --new-tokens 128 --compile --out "$OUT/acceptance_k4_adaptive_compiled_32x128.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

@@ -278,6 +278,19 @@ def _text_prompts(tokenizer: object, text: str, count: int, length: int) -> list
     return prompts
 
 
+def _compile_counts(plain_gen: object, gen: object, drafter: object) -> dict[str, int]:
+    """Dynamo frames compiled so far, and CUDA graphs captured by each compiled step."""
+    from torch._dynamo.utils import counters
+
+    def captures(step: object) -> int:
+        return int(getattr(step, "captures", 0))
+
+    return {"dynamo_frames": int(counters["stats"].get("unique_graphs", 0)),
+            "plain_captures": captures(getattr(plain_gen, "_decode_graph", None)),
+            "verify_captures": captures(getattr(gen, "_verify_graph", None)),
+            "draft_captures": captures(getattr(drafter, "_step_graph", None))}
+
+
 def run_acceptance(args: argparse.Namespace) -> int:
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
     model, dev, tok = lm.model, lm.device, lm.tokenizer
@@ -294,6 +307,7 @@ def run_acceptance(args: argparse.Namespace) -> int:
     if args.compile:
         plain_gen.generate(prompts[:1], params)
         gen.generate(prompts[:1], params)
+    before = _compile_counts(plain_gen, gen, drafter)
     agg = {"steps": 0, "draft_steps": 0, "drafted": 0, "accepted": 0}
     by_pos_d = [0] * args.k
     by_pos_a = [0] * args.k
@@ -329,6 +343,10 @@ def run_acceptance(args: argparse.Namespace) -> int:
         "plain_decode_tokens_per_s": round(new_tokens / plain_s, 2) if plain_s else None,
         "speculative_decode_tokens_per_s": round(new_tokens / spec_s, 2) if spec_s else None,
         "speedup": round(plain_s / spec_s, 3) if spec_s else None,
+        # Compiled runs: graphs compiled and CUDA graphs captured during the timed prompts (after
+        # the untimed first one); non-zero means compile or capture time is inside the timings.
+        "compiles_and_captures_while_timed": {
+            k: v - before[k] for k, v in _compile_counts(plain_gen, gen, drafter).items()},
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,12 +39,15 @@ step() {  # name, min-seconds-needed, args...
 if [ "${TP_PLAN:-graph}" = regional ]; then
     # Regional compilation (one compiled layer for all, the step captured whole): short cold
     # compiles, so 13B and 70B fit a call. GPU tests first (TP=2 regional against TP=1 included).
-    timeout 240 python3 -m pytest -q -m gpu tests/test_parallel_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee -a "$LOG"
-    step tp1_regional 90 decode --tp 1 --model preset:llama-2-7b --model preset:llama-2-13b --mode regional
+    # Each compiled run is profiled once more per rank (top-kernels tables, packed in profile.tar).
+    timeout ${TEST_S:-180} python3 -m pytest -q -m gpu tests/test_parallel_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee -a "$LOG"
+    P="--profile $OUT/profile"
+    step tp1_regional 90 decode --tp 1 --model preset:llama-2-7b --model preset:llama-2-13b --mode regional $P
     step tp2_regional 150 decode --tp 2 --model preset:llama-2-7b --model preset:llama-2-13b \
-        --model preset:llama-2-70b --mode regional --allreduce nccl --allreduce symm-one-shot
+        --model preset:llama-2-70b --mode regional --allreduce nccl --allreduce symm-one-shot $P
     echo "=== summary"
     $B summary "$OUT"/*.json | tee "$OUT/summary.txt"
+    [ -d "$OUT/profile" ] && (cd "$OUT" && tar cf profile.tar profile && rm -rf profile)
     exit 0
 fi
 step allreduce 30 allreduce --tp 2 --numel 4096 --numel 65536

@@ -206,14 +206,15 @@ def run_latency_bench(
     )
 
 
-def profile_run(fn: Any, out_dir: Path, device: torch.device) -> None:
+def profile_run(fn: Any, out_dir: Path, device: torch.device, trace: bool = True) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     out_dir.mkdir(parents=True, exist_ok=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         fn()
-    prof.export_chrome_trace(str(out_dir / "trace.json"))
+    if trace:
+        prof.export_chrome_trace(str(out_dir / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25)
     (out_dir / "top_kernels.txt").write_text(table)

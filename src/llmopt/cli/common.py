@@ -23,9 +23,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: split the model over N GPUs (or CPU processes); "
                         "starts them itself, or joins ranks started by torchrun (default 1)")
-    p.add_argument("--tp-allreduce", default="nccl",
-                   choices=("nccl", "symm-one-shot", "symm-two-shot"),
-                   help="all-reduce under --tp: nccl, or PyTorch symmetric memory (GPU only)")
+    p.add_argument("--tp-allreduce", default="auto",
+                   choices=("auto", "nccl", "symm-one-shot", "symm-two-shot"),
+                   help="all-reduce under --tp: auto (symm-one-shot on GPUs, the measured fastest; "
+                        "nccl/gloo elsewhere), nccl, or PyTorch symmetric memory (GPU only)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

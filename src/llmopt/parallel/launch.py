@@ -75,7 +75,7 @@ def maybe_launch(args: argparse.Namespace, stdin_data: str | None = None) -> int
     check_tp_request(tp, device)
     if tp == 1:
         return None
-    if getattr(args, "tp_allreduce", "nccl") != "nccl" and not wants_gpu(device):
+    if getattr(args, "tp_allreduce", "auto") not in ("auto", "nccl") and not wants_gpu(device):
         raise UserError(
             f"--tp-allreduce {args.tp_allreduce} needs GPUs (symmetric memory is CUDA-only)"
         )

@@ -30,7 +30,7 @@ class ShardedLLM(LLM):
         device: str = "auto",
         dtype: str = "auto",
         attention: str = "sdpa",
-        allreduce: str = "nccl",
+        allreduce: str = "auto",
         progress: bool = True,
         engine: str = "static",
         engine_config: EngineConfig | None = None,
@@ -42,9 +42,9 @@ class ShardedLLM(LLM):
             dtype=dtype,
             progress=progress and self.tp.is_main and sys.stderr.isatty(),
         )
-        if allreduce != "nccl":
+        if self.tp.allreduce != "nccl":  # "auto" was resolved for this rank's device
             assert shard.comm is not None
-            shard.comm.enable_symm_mem(allreduce, shard.dtype, self.tp.device)
+            shard.comm.enable_symm_mem(self.tp.allreduce, shard.dtype, self.tp.device)
         super().__init__(
             model,
             device=str(shard.device),

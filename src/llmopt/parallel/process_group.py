@@ -37,7 +37,16 @@ LAUNCHER_PID_ENV = "LLMOPT_LAUNCHER_PID"  # set by launch.py; ranks exit if that
 TIMEOUT_ENV = "LLMOPT_DIST_TIMEOUT"  # seconds a collective may wait before the rank gives up
 DEFAULT_TIMEOUT_S = 600.0  # long enough for a cold compile of a 70B decode step on one rank
 
-ALLREDUCE_MODES = ("nccl", "symm-one-shot", "symm-two-shot")
+ALLREDUCE_MODES = ("auto", "nccl", "symm-one-shot", "symm-two-shot")
+
+
+def resolve_allreduce(mode: str, device: torch.device) -> str:
+    """``auto``: symmetric-memory one-shot on GPUs (measured on 2 H200s under regional
+    compilation: 286.2 against 253.5 tok/s with NCCL at 7B, 197.9 against 176.8 at 13B), the
+    process group's own all-reduce (NCCL, or gloo on CPU) elsewhere."""
+    if mode != "auto":
+        return mode
+    return "symm-one-shot" if device.type == "cuda" else "nccl"
 
 
 def force_env(env: dict[str, str] | None = None) -> None:
@@ -259,6 +268,7 @@ def init_tp(tp: int, device_spec: str = "auto", allreduce: str = "nccl") -> TPCo
             )
     force_env()
     device = _rank_device(device_spec, env)
+    allreduce = resolve_allreduce(allreduce, device)
     if allreduce != "nccl" and device.type != "cuda":
         raise UserError(f"--tp-allreduce {allreduce} needs GPUs (symmetric memory is CUDA-only)")
     _label_logs(env.rank)

@@ -206,8 +206,10 @@ def _decode_compiled(
     tp: TPContext | None,
     runs: int,
     compile_mode: str = "auto",
+    profile_dir: Path | None = None,
 ) -> tuple[list[float], float]:
-    """The project's compiled decode (``Generator(compile=True)``); (tok/s per run, compile s)."""
+    """The project's compiled decode (``Generator(compile=True)``); (tok/s per run, compile s).
+    ``profile_dir``: one more run under torch.profiler, its top-kernels table written there."""
     import inspect
 
     from llmopt.engine.generate import Generator
@@ -229,7 +231,23 @@ def _decode_compiled(
         out = gen.generate(ids, params)[0]
         assert out.stats is not None
         speeds.append(out.stats.decode_tokens_per_s)
+    if profile_dir is not None:
+        from llmopt.bench.latency import profile_run
+
+        _barrier(tp)
+        profile_run(lambda: gen.generate(ids, params), profile_dir, dev, trace=False)
     return speeds, compile_s
+
+
+def _profile_dir(
+    root: str | None, spec: str, mode: str, ar: str, tp: TPContext | None
+) -> Path | None:
+    """Where one (model, mode, all-reduce) run's profile goes: one folder per rank."""
+    if root is None:
+        return None
+    name = spec.removeprefix("preset:").replace("/", "_")
+    rank = tp.rank if tp is not None else 0
+    return Path(root) / f"{name}_tp{tp.world_size if tp else 1}_{mode}_{ar}_rank{rank}"
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -305,6 +323,7 @@ def bench_decode(
                         speeds, compile_s = _decode_compiled(
                             model, prompt, args.new_tokens, cache_len, dev, tp, args.runs,
                             "regional" if mode == "regional" else "auto",
+                            _profile_dir(args.profile, spec, mode, ar, tp),
                         )
                         r["compile_s"] = round(compile_s, 1)
                     else:
@@ -422,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=int, default=200)
     d.add_argument("--runs", type=int, default=3)
     d.add_argument("--dtype", default="auto")
+    d.add_argument("--profile", default=None, metavar="DIR",
+                   help="compiled modes: profile one more run per rank, top-kernels tables in DIR")
     for q in (a, d):
         q.add_argument("--tp", type=int, default=1)
         q.add_argument("--device", default="auto")

@@ -146,10 +146,11 @@ def _rowmajor_gemv_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in table]
 
 
-def _few_rows_prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Several input rows keep more values live: only tiles of at most 16 K weights and 64
-    output columns then (wider ones spilled registers in ptxas for sm_90 at 8 rows)."""
-    rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+def gemv_configs(configs: list[triton.Config], rows: int) -> list[triton.Config]:
+    """The tiles tried for ``rows`` input rows: all of them for one row; for several (more
+    values live) only tiles of at most 16 K weights and 64 output columns (wider ones spilled
+    registers in ptxas for sm_90 at 8 rows). A fixed list per autotuner rather than a
+    prune_configs_by hook, which torch.compile (2.11) cannot trace."""
     if rows == 1:
         return configs
     return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384
@@ -162,10 +163,8 @@ def _add_row(acc, contrib, rows, m):
     return acc + tl.where(rows[:, None] == m, contrib[None, :], 0.0)
 
 
-@triton.autotune(configs=_packed_gemv_configs(), key=["N", "K", "FMT", "GROUP", "BLOCK_M"],
-                 reset_to_zero=["out_ptr"], prune_configs_by={"early_config_prune": _few_rows_prune})
 @triton.jit
-def _packed_gemv_kernel(
+def _packed_gemv(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, M, N, K, stride_xm,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -215,10 +214,8 @@ def _packed_gemv_kernel(
         tl.atomic_add(out_ptrs, acc, mask=omask)
 
 
-@triton.autotune(configs=_rowmajor_gemv_configs(), key=["N", "K", "FMT", "GROUP", "BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _few_rows_prune})
 @triton.jit
-def _rowmajor_gemv_kernel(
+def _rowmajor_gemv(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -260,6 +257,18 @@ def _rowmajor_gemv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & mask_n[None, :])
 
 
+
+# One autotuner per kernel for one row and one for 2..GEMV_MAX_ROWS (BLOCK_M is in the key, so
+# each row count keeps its own choice).
+_GEMV_KEY = ["N", "K", "FMT", "GROUP", "BLOCK_M"]
+_packed_gemv_kernel = triton.autotune(configs=_packed_gemv_configs(), key=_GEMV_KEY,
+                                      reset_to_zero=["out_ptr"])(_packed_gemv)
+_packed_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_packed_gemv_configs(), 8),
+                                           key=_GEMV_KEY, reset_to_zero=["out_ptr"])(_packed_gemv)
+_rowmajor_gemv_kernel = triton.autotune(configs=_rowmajor_gemv_configs(), key=_GEMV_KEY)(_rowmajor_gemv)
+_rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv_configs(), 8),
+                                             key=_GEMV_KEY)(_rowmajor_gemv)
+
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
          fmt: int, group: int) -> torch.Tensor:
     """x [..., K] holding at most GEMV_MAX_ROWS rows, against any weight-only format
@@ -275,13 +284,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     block_m = triton.next_power_of_2(m)
     if not packed:  # one kernel, storing x's dtype
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        _rowmajor_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        kern = _rowmajor_gemv_kernel if m == 1 else _rowmajor_gemv_rows_kernel
+        kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             x2, w, s, z, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m)
         return out.reshape(*x.shape[:-1], n)
     # The packed kernel splits K (too few column tiles otherwise): float32 partial sums added
     # atomically into a zeroed buffer, then one cast.
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    _packed_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+    kern = _packed_gemv_kernel if m == 1 else _packed_gemv_rows_kernel
+    kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x2, w, s, z, lut, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
