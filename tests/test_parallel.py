@@ -157,6 +157,24 @@ def _worker(rank: int, port: int, out_dir: str, ckpt: str) -> None:
         "local_params": sum(p.numel() for p in pre.model.parameters()),
         "full_params": pre.config.num_params,
     }
+    # The serving engine: rank 0 schedules and broadcasts each step, rank 1 follows.
+    from llmopt.engine.llm_engine import EngineConfig, LLMEngine
+    from llmopt.parallel.serving import make_tp_runner, run_worker
+    from llmopt.sampling import SamplingParams
+
+    ecfg = EngineConfig(num_kv_blocks=48, max_num_seqs=3, max_num_batched_tokens=64, max_model_len=256)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 40, 90, 3, 21)]
+    sp = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    if tp.is_main:  # the single-process engine on the whole model, for reference
+        res["served_ref"] = [o.token_ids for o in LLMEngine(full.model, None, full.device, ecfg).generate(prompts, sp)]
+    served = load_sharded(ckpt, tp, dtype="float32")
+    engine = LLMEngine(served.model, None, served.device, ecfg, make_runner=make_tp_runner(tp))
+    if tp.is_main:
+        res["served"] = [o.token_ids for o in engine.generate(prompts, sp)]
+        engine.runner.stop()
+    else:
+        res["worker_steps"] = run_worker(engine.runner, tp)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
     shutdown_tp(barrier=True)
 
@@ -201,6 +219,16 @@ def test_sharded_checkpoint_loading(tp_results: list[dict[str, Any]]) -> None:
         # Each rank read and holds about half the model (norms are replicated: tiny).
         assert abs(r["bytes_read"] / r["file_bytes"] - 1 / WORLD) < 0.02, r
         assert abs(r["local_bytes"] / r["file_bytes"] - 1 / WORLD) < 0.02, r
+
+
+def test_tp2_serving_engine_matches_one_process(tp_results: list[dict[str, Any]]) -> None:
+    """Continuous batching under TP=2 (prompts longer than the step's token budget, so prefill
+    is chunked; more requests than seats): rank 0's tokens equal the one-process engine's, and
+    the worker ran a step for each of rank 0's steps."""
+    main, worker = tp_results
+    assert main["served"] == main["served_ref"]
+    assert all(len(t) == 12 for t in main["served"])
+    assert worker["worker_steps"] >= 12 + 90 // 64
 
 
 def test_preset_built_sharded(tp_results: list[dict[str, Any]]) -> None:
@@ -383,6 +411,62 @@ def test_cli_generate_tp2_matches_tp1(tmp_path: Path) -> None:
     assert len(a["token_ids"]) == 8
     assert a["token_ids"] == b["token_ids"], (a, b)
     assert len(two.stdout.strip().splitlines()) == 1, two.stdout  # only rank 0 printed
+
+
+def test_cli_generate_tp2_quantised_matches_tp1_quantised(tmp_path: Path) -> None:
+    """--quant under --tp: each rank quantises the whole model, then keeps its slices (split
+    along whole quantisation groups), so the tokens are those of one device with --quant."""
+    ckpt = _save_tiny(tmp_path / "ckpt", preset_config("tiny"))
+    common = ["generate", "-m", str(ckpt), "--device", "cpu", "--temperature", "0", "--json",
+              "--max-new-tokens", "8", "--ignore-eos", "-p", "Hello, quantised world",
+              "--quant", "int4-g32"]
+    one = _llmopt(*common)
+    two = _llmopt(*common, "--tp", "2")
+    plain = _llmopt(*common[:-2])
+    assert one.returncode == 0 and two.returncode == 0 and plain.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["token_ids"] == b["token_ids"], (a, b)
+    # and the quantisation was applied: these weights give other tokens unquantised
+    assert json.loads(plain.stdout)["token_ids"] != a["token_ids"]
+
+
+def test_cli_bench_tp2_reports_per_rank(tmp_path: Path) -> None:
+    """bench --tp 2: the ranks run the bench together, rank 0 alone reports, and its roofline
+    counts one rank's weights: about half of the TP=1 bytes (norms are replicated)."""
+    ckpt = _save_tiny(tmp_path / "ckpt", preset_config("tiny"))
+    common = ["bench", "-m", str(ckpt), "--device", "cpu", "--new-tokens", "8", "--runs", "3"]
+    one = _llmopt(*common, "--json", str(tmp_path / "one.json"))
+    two = _llmopt(*common, "--tp", "2", "--json", str(tmp_path / "two.json"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("decode tok/s (per seq)") == 1  # one table: rank 0's
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    assert b["extra"]["tp"] == 2 and b["extra"]["allreduce"] == "gloo"
+    assert 0.45 < b["weight_bytes"] / a["weight_bytes"] < 0.55, (a["weight_bytes"], b["weight_bytes"])
+    assert b["decode_tokens_per_s"] > 0
+
+
+def test_cli_eval_tp2_matches_tp1(tmp_path: Path) -> None:
+    """eval --tp 2: perplexity, and agreement/KL against an unsharded reference, equal the
+    single-process numbers (float32), with the model quantised (int8) so KL is not zero."""
+    ckpt = _save_tiny(tmp_path / "ckpt", preset_config("tiny"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("It is a truth universally acknowledged, that a single man in possession "
+                      "of a good fortune, must be in want of a wife. " * 12)
+    common = ["eval", "-m", str(ckpt), "--device", "cpu", "--corpus", str(corpus), "--window", "128",
+              "--stride", "64", "--quant", "int8", "--reference", str(ckpt)]
+    one = _llmopt(*common, "--json", str(tmp_path / "one.json"))
+    two = _llmopt(*common, "--tp", "2", "--json", str(tmp_path / "two.json"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(two.stdout.strip().splitlines()) == 1, two.stdout  # rank 0's line only
+    a = json.loads((tmp_path / "one.json").read_text())["result"]
+    b = json.loads((tmp_path / "two.json").read_text())["result"]
+    assert a["tokens_scored"] == b["tokens_scored"] > 1000
+    assert abs(a["perplexity"] - b["perplexity"]) < 1e-4 * a["perplexity"], (a, b)
+    assert a["kl"] > 0 and abs(a["kl"] - b["kl"]) < 1e-4 + 1e-3 * a["kl"], (a, b)
+    assert a["agreement"] == b["agreement"]
 
 
 def test_launcher_stops_all_ranks_when_one_dies() -> None:

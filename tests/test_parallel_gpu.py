@@ -105,6 +105,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["regional_nccl_tokens_equal"] = gen.generate(ids, sp)[0].token_ids == ref_tokens
     except Exception as e:  # recorded, so the other results still come back
         res["regional_nccl_tokens_equal"] = f"{type(e).__name__}: {str(e)[:300]}"
+    # The serving engine under TP (one-shot all-reduce, CUDA-graph decode): rank 0 schedules
+    # and broadcasts, rank 1 follows; tokens against the one-GPU engine on the whole model.
+    try:
+        from llmopt.engine.llm_engine import EngineConfig, LLMEngine
+        from llmopt.parallel.serving import make_tp_runner, run_worker
+
+        ecfg = EngineConfig(num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64,
+                            max_model_len=256)
+        prompts = [[3 + (7 * i + j) % 900 for j in range(n)] for i, n in enumerate((5, 70, 12, 33, 9))]
+        if tp.is_main:
+            res["served_ref"] = [o.token_ids for o in LLMEngine(full, None, dev, ecfg).generate(prompts, sp)]
+        tp_comm.disable_symm_mem()
+        tp_comm.enable_symm_mem("symm-one-shot", torch.float32, dev)
+        engine = LLMEngine(shard, None, dev, ecfg, make_runner=make_tp_runner(tp))
+        if tp.is_main:
+            res["served"] = [o.token_ids for o in engine.generate(prompts, sp)]
+            engine.runner.stop()
+        else:
+            res["worker_steps"] = run_worker(engine.runner, tp)
+    except Exception as e:  # recorded, so the other results still come back
+        res["served"] = f"{type(e).__name__}: {str(e)[:300]}"
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
     shutdown_tp(barrier=True)
 
@@ -137,3 +158,10 @@ def test_tp2_logits_and_tokens_on_gpus(gpu_results: list[dict[str, Any]]) -> Non
 def test_tp2_regional_compiled_decode_on_gpus(gpu_results: list[dict[str, Any]]) -> None:
     for res in gpu_results:
         assert res["regional_nccl_tokens_equal"] is True, res["regional_nccl_tokens_equal"]
+
+
+def test_tp2_serving_engine_on_gpus(gpu_results: list[dict[str, Any]]) -> None:
+    main = gpu_results[0]
+    assert isinstance(main["served"], list), main["served"]
+    assert main["served"] == main["served_ref"]
+

@@ -11,7 +11,9 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=python3
 BENCH="$PY -m llmopt.cli.main bench-serve --model ${MODEL:-preset:llama-2-7b} --dtype bfloat16 --device ${DEVICE:-cuda} \
-  --backend engine --max-model-len 2048 --gpu-memory-utilization 0.9"
+  --backend engine --max-model-len 2048 --gpu-memory-utilization 0.9 ${TP:+--tp $TP}"
+# Issue 6's serving number on nvidia-h200-x2: MODEL=preset:llama-2-13b TP=2 bash bench/device/serve.sh
+# (and MODEL=preset:llama-2-13b for the TP=1 baseline)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1

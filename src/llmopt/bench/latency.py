@@ -148,7 +148,10 @@ def run_latency_bench(
     profile_dir: Path | None = None,
     compile_prefill: bool = False,
     fuse_projections: bool = False,
+    kv_heads_per_device: int | None = None,
 ) -> BenchResult:
+    """``kv_heads_per_device``: under tensor parallelism, the KV heads one rank holds (the
+    roofline is then one rank's: its weights and its part of the cache)."""
     config: ModelConfig = model.config
     dtype = next(model.parameters()).dtype
     max_seq = cfg.prompt_len + cfg.new_tokens
@@ -184,6 +187,8 @@ def run_latency_bench(
     compile_s = max(first_run_s - med(r.total_s for r in runs), 0.0) if compile else None
     wbytes = weight_bytes_read_per_token(model)
     kv = kv_bytes_per_step(config, cfg.batch_size, cfg.prompt_len + cfg.new_tokens / 2, dtype)
+    if kv_heads_per_device is not None:
+        kv *= kv_heads_per_device / config.num_kv_heads
     achieved = (wbytes + kv) * dec  # one decode step serves the whole batch
     copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
     roof_tps = copy_bw / (wbytes + kv) if copy_bw else None
@@ -226,6 +231,8 @@ def format_table(r: BenchResult) -> str:
         ("device / dtype", f"{r.device} / {r.dtype}"),
         ("attention / compile", f"{r.attention} / {r.compile_mode if r.compile else 'eager'}"),
         ("quantisation", r.quant or "none"),
+        *([("tensor parallel", f"{r.extra['tp']} ranks, {r.extra['allreduce']} all-reduce "
+                               "(bandwidth and roofline per rank)")] if "tp" in r.extra else []),
         ("batch x prompt + new", f"{r.config['batch_size']} x {r.config['prompt_len']} + {r.config['new_tokens']}"),
         ("decode tok/s (per seq)", f"{r.decode_tokens_per_s:.1f}"),
         ("decode tok/s (batch)", f"{r.total_tokens_per_s:.1f}"),

@@ -41,11 +41,28 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len,
                       new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup)
-    if getattr(args, "tp", 1) > 1:
-        from llmopt.errors import UserError
+    from llmopt.errors import UserError
+    from llmopt.parallel import maybe_launch
 
-        raise UserError("bench --tp is not wired yet; see docs/parallel.md for the TP benchmark")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None))
+    tp_n = getattr(args, "tp", 1)
+    if tp_n > 1 and args.dense_gemv:
+        raise UserError("--dense-gemv cannot be combined with --tp (it swaps the split linears)")
+    rc = maybe_launch(args)
+    if rc is not None:  # this process started the --tp ranks; they have finished
+        return rc
+    quant = getattr(args, "quant", None)
+    tp = None
+    if tp_n > 1:  # one rank of the group: every rank runs the same bench, rank 0 reports
+        from llmopt.parallel.loading import load_for_rank
+        from llmopt.parallel.process_group import init_tp
+
+        tp = init_tp(tp_n, args.device, args.tp_allreduce)
+        lm = load_for_rank(args.model, tp, dtype=args.dtype, quant=quant)
+        if tp.allreduce != "nccl":
+            assert lm.comm is not None
+            lm.comm.enable_symm_mem(tp.allreduce, lm.dtype, tp.device)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, quant=quant)
     needed = cfg.prompt_len + cfg.new_tokens
     if needed > lm.config.max_position_embeddings:
         from llmopt.errors import UserError
@@ -67,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
         quant=getattr(args, "quant", None), load_s=lm.load_seconds, t_process_start=T_PROCESS_START,
         profile_dir=Path(args.profile) if args.profile else None, compile_prefill=args.compile_prefill,
         fuse_projections=args.fuse_projections,
+        kv_heads_per_device=None if tp is None else lm.model.model.layers[0].self_attn.num_kv_heads,
     )
+    if tp is not None:
+        result.extra.update(tp=tp.world_size, per_rank_roofline=True,
+                            allreduce=tp.backend if tp.allreduce == "nccl" else tp.allreduce)
+        if not tp.is_main:
+            return 0  # only rank 0 reports
     print(format_table(result))
     if args.json_path:
         out = result.as_dict()

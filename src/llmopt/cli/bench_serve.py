@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmopt.cli.common import add_model_args
-from llmopt.cli.serve import add_engine_args, build_engine
+from llmopt.cli.serve import add_engine_args, build_engine, serve_worker, stop_workers
 from llmopt.errors import UserError
 
 
@@ -363,8 +363,25 @@ def run(args: argparse.Namespace) -> int:
     engine = None
     vocab = args.vocab_size or 32000
     if args.backend == "engine":
+        from llmopt.parallel import maybe_launch
+
+        rc = maybe_launch(args)
+        if rc is not None:  # this process started the --tp ranks; they have finished
+            return rc
         engine = build_engine(args)
+        if serve_worker(engine):  # a --tp rank other than 0: it ran rank 0's steps
+            return 0
         vocab = engine.model.config.vocab_size
+    elif getattr(args, "tp", 1) > 1:
+        raise UserError("--tp applies to --backend engine; an HTTP server takes it at `llmopt serve`")
+    try:
+        return _bench(args, engine, vocab)
+    finally:
+        if engine is not None:
+            stop_workers(engine)
+
+
+def _bench(args: argparse.Namespace, engine: Any, vocab: int) -> int:
     cfg = BenchConfig(args.num_requests, args.dataset, args.input_len[0], args.input_len[1],
                       args.output_len[0], args.output_len[1], args.shared_prefix_len, args.request_rate,
                       args.max_concurrency, args.seed, vocab)
@@ -393,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
                   "request_rate": None if math.isinf(cfg.request_rate) else cfg.request_rate},
               "engine": None if engine is None else asdict(engine.config), "results": summary}
     if engine is not None:
+        report["tp"] = getattr(args, "tp", 1)
         report["device"] = str(engine.device)
         report["kv_blocks"] = engine.runner.num_blocks
     if args.json:

@@ -35,7 +35,7 @@ def command_string(args: argparse.Namespace) -> str:
     parts = ["llmopt", "eval", "--model", args.model]
     for flag, value in (("--quant", args.quant), ("--corpus", args.corpus), ("--reference", args.reference),
                         ("--reference-dtype", args.reference_dtype), ("--device", args.device),
-                        ("--dtype", args.dtype)):
+                        ("--dtype", args.dtype), ("--tp", args.tp if args.tp > 1 else None)):
         if value is not None:
             parts += [flag, str(value)]
     parts += ["--max-tokens", str(args.max_tokens), "--window", str(args.window), "--stride", str(args.stride)]
@@ -63,13 +63,30 @@ def run(args: argparse.Namespace) -> int:
         log.warning("emma.txt is the calibration text; evaluating on it flatters gptq/awq")
 
     from llmopt.loading.loader import load_model
+    from llmopt.parallel import maybe_launch
 
+    rc = maybe_launch(args)
+    if rc is not None:  # this process started the --tp ranks; they have finished
+        return rc
     progress = progress_enabled()
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress, quant=args.quant)
+    is_main = True
+    if args.tp > 1:  # one rank: every rank evaluates its shard of the model, rank 0 reports
+        from llmopt.parallel.loading import load_for_rank
+        from llmopt.parallel.process_group import init_tp
+
+        tp = init_tp(args.tp, args.device, args.tp_allreduce)
+        is_main = tp.is_main
+        progress = progress and is_main
+        lm = load_for_rank(args.model, tp, dtype=args.dtype, quant=args.quant, progress=progress)
+        if tp.allreduce != "nccl":
+            assert lm.comm is not None
+            lm.comm.enable_symm_mem(tp.allreduce, lm.dtype, tp.device)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress, quant=args.quant)
     lm.model.set_attention_backend(args.attention)
     ref = None
-    if args.reference:
-        ref = load_model(args.reference, device=args.device, dtype=args.reference_dtype or args.dtype,
+    if args.reference:  # whole on every rank (the reference is the small or unquantised side)
+        ref = load_model(args.reference, device=lm.device, dtype=args.reference_dtype or args.dtype,
                          progress=progress)
         if ref.config.vocab_size != lm.config.vocab_size:
             raise UserError(f"--reference has vocabulary {ref.config.vocab_size}, the model {lm.config.vocab_size}")
@@ -79,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     result = evaluate(lm.model, ids, config, tokenizer.bos_token_id, ref.model if ref else None, progress)
 
+    if not is_main:
+        return 0
     line = (f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f}) over {result.tokens_scored} tokens, "
             f"{result.windows} windows, {result.seconds:.1f} s")
     if result.agreement is not None:
@@ -98,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                        "bos": config.bos, "bos_token_id": tokenizer.bos_token_id if config.bos else None},
             "result": result.as_dict(),
             "device": str(lm.device),
+            "tp": args.tp,
             "dtype": str(lm.dtype).replace("torch.", ""),
             "torch": torch.__version__,
             "machine": platform.machine(),

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         from llmopt.parallel import ShardedLLM
 
         llm = ShardedLLM(args.model, tp=args.tp, device=args.device, dtype=args.dtype,
-                         attention=args.attention, allreduce=args.tp_allreduce)
+                         attention=args.attention, allreduce=args.tp_allreduce, quant=args.quant,
+                         compile=args.compile, compile_mode=args.compile_mode)
         prompt = llm.broadcast(prompt)
         is_main = llm.is_main
     else:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         drafter = build_drafter(draft_spec, llm.model, llm.tokenizer)
         llm.generator = SpeculativeGenerator(llm.model, llm.tokenizer, llm.device, drafter, spec_config)
 
-    if args.compile and args.tp == 1:
+    if args.compile:
         # Compile on a 3-token warm-up, so the streamed run and its stats are the compiled speed
         # (gpt-fast does the same). On GPU the inductor cache shortens it in later processes; on
         # CPU, freezing bypasses that cache (torch 2.13), so each process compiles (~35 s, 2 cores).
@@ -87,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
 
         from llmopt.sampling import SamplingParams
 
-        print("compiling the decode step on a short warm-up run...",
-              file=sys.stderr, flush=True)
+        if is_main:
+            print("compiling the decode step on a short warm-up run...",
+                  file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         llm.generate([prompt], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
                      chat=args.chat, system=args.system)
-        print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        if is_main:
+            print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     def stream(_: int, delta: str) -> None:
         sys.stdout.write(delta)

@@ -42,20 +42,55 @@ def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
 
 
 def build_engine(args: argparse.Namespace):  # -> LLMEngine
+    """The engine of this process. Under ``--tp`` (inside a rank: ``maybe_launch`` ran first)
+    every rank builds one over its shard; rank 0's steps are broadcast to the others
+    (``llmopt.parallel.serving``), which call ``serve_worker`` instead of serving."""
     from llmopt.engine.llm_engine import LLMEngine
     from llmopt.loading.loader import load_model
 
     cfg = engine_config_from_args(args)
-    if getattr(args, "tp", 1) > 1:
-        raise UserError("--tp is not supported by the serving engine yet; run with --tp 1")
     quant = getattr(args, "quant", None)
-    kwargs = {"quant": quant} if quant else {}
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress_enabled(),
-                    **kwargs)
+    make_runner = None
+    if getattr(args, "tp", 1) > 1:
+        from llmopt.parallel.loading import load_for_rank
+        from llmopt.parallel.process_group import init_tp
+        from llmopt.parallel.serving import make_tp_runner
+
+        tp = init_tp(args.tp, args.device, getattr(args, "tp_allreduce", "auto"))
+        lm = load_for_rank(args.model, tp, dtype=args.dtype, quant=quant,
+                           progress=progress_enabled() and tp.is_main)
+        if tp.allreduce != "nccl":
+            assert lm.comm is not None
+            lm.comm.enable_symm_mem(tp.allreduce, lm.dtype, tp.device)
+        make_runner = make_tp_runner(tp)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype,
+                        progress=progress_enabled(), quant=quant)
     try:
-        return LLMEngine(lm.model, lm.tokenizer, lm.device, cfg)
+        return LLMEngine(lm.model, lm.tokenizer, lm.device, cfg, make_runner=make_runner)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def serve_worker(engine) -> bool:  # engine: LLMEngine
+    """Under --tp on ranks other than 0: run rank 0's steps until it stops; True if this
+    process was such a worker (and the caller should just return)."""
+    from llmopt.parallel.process_group import current_tp
+
+    tp = current_tp()
+    if tp is None or tp.is_main:
+        return False
+    from llmopt.parallel.serving import run_worker
+
+    run_worker(engine.runner, tp)
+    return True
+
+
+def stop_workers(engine) -> None:
+    """Rank 0 under --tp: release the worker ranks (no-op otherwise)."""
+    stop = getattr(engine.runner, "stop", None)
+    if callable(stop):
+        stop()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,11 +124,24 @@ def run(args: argparse.Namespace) -> int:
                             args.max_prompt_tokens, args.shutdown_timeout)
     except ValueError as e:
         raise UserError(str(e)) from None
+    from llmopt.parallel import maybe_launch
+
+    rc = maybe_launch(args)
+    if rc is not None:  # this process started the --tp ranks; they have finished
+        return rc
     engine = build_engine(args)
+    if serve_worker(engine):
+        return 0
     async_engine = AsyncLLMEngine(engine)
     app = build_app(async_engine, engine.tokenizer, scfg)
+    tp_note = f", tensor parallel over {args.tp} ranks" if args.tp > 1 else ""
     print(f"serving {scfg.model_name} on http://{args.host}:{args.port}/v1 "
-          f"({engine.runner.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(args.shutdown_timeout))
+          f"({engine.runner.num_blocks} KV blocks of {engine.config.block_size} tokens{tp_note})",
+          flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=int(args.shutdown_timeout))
+    finally:
+        async_engine.shutdown()  # no step runs after this, so the workers can be released
+        stop_workers(engine)
     return 0

@@ -97,7 +97,11 @@ def _stats(req: Request) -> GenerationStats:
 
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, device: torch.device,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None,
+                 make_runner: Callable[[nn.Module, torch.device, RunnerConfig], ModelRunner] | None = None,
+                 ) -> None:
+        """``make_runner``: builds the model runner (tensor parallelism swaps in one that keeps
+        the other ranks in step); default ``ModelRunner``."""
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -105,7 +109,7 @@ class LLMEngine:
         mc = model.config  # type: ignore[attr-defined]
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.runner = ModelRunner(model, device, RunnerConfig(
+        self.runner = (make_runner or ModelRunner)(model, device, RunnerConfig(
             block_size=config.block_size, num_kv_blocks=config.num_kv_blocks,
             gpu_memory_utilization=config.gpu_memory_utilization, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,

@@ -204,7 +204,9 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, sample: bool = True) -> ModelRunnerOutput:
+        """Run one scheduled step. ``sample=False``: the forward only (a tensor-parallel worker
+        rank, whose logits take part in the collectives but whose tokens nobody reads)."""
         for rid in sched.finished_req_ids:
             self.generators.pop(rid, None)
         seqs = sched.seqs
@@ -217,7 +219,7 @@ class ModelRunner:
                                      [s.block_ids for s in seqs])  # [B, V]
         else:
             logits = self._run_eager(sched)
-        if not sampled:
+        if not sampled or not sample:
             return ModelRunnerOutput([], [])
         tokens = self._sample(logits, sampled)
         return ModelRunnerOutput([s.req_id for s in sampled], tokens)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from llmopt.api import LLM
 from llmopt.engine.generate import StreamCallback
 from llmopt.engine.outputs import RequestOutput
-from llmopt.parallel.loading import ShardedLoadedModel, load_sharded
+from llmopt.parallel.loading import ShardedLoadedModel, load_for_rank
 from llmopt.parallel.process_group import TPContext, init_tp
 from llmopt.sampling import SamplingParams
 
@@ -34,12 +34,16 @@ class ShardedLLM(LLM):
         progress: bool = True,
         engine: str = "static",
         engine_config: EngineConfig | None = None,
+        quant: str | None = None,
+        compile: bool = False,
+        compile_mode: str = "auto",
     ) -> None:
         self.tp: TPContext = init_tp(tp, device, allreduce)
-        shard: ShardedLoadedModel = load_sharded(
+        shard: ShardedLoadedModel = load_for_rank(
             model,
             self.tp,
             dtype=dtype,
+            quant=quant,
             progress=progress and self.tp.is_main and sys.stderr.isatty(),
         )
         if self.tp.allreduce != "nccl":  # "auto" was resolved for this rank's device
@@ -51,6 +55,8 @@ class ShardedLLM(LLM):
             dtype=dtype,
             attention=attention,
             progress=progress,
+            compile=compile,
+            compile_mode=compile_mode,
             engine=engine,
             engine_config=engine_config,
             loaded=shard,

@@ -230,3 +230,28 @@ def load_sharded(
         rank=tp.rank,
         world_size=tp.world_size,
     )
+
+
+def load_for_rank(
+    spec: str,
+    tp: TPContext,
+    dtype: str | torch.dtype = "auto",
+    quant: str | None = None,
+    progress: bool = False,
+) -> ShardedLoadedModel:
+    """This rank's part of ``spec``. Without ``quant``: ``load_sharded`` (sliced reads). With it:
+    the whole model is loaded and quantised on this rank's device, then split along whole
+    quantisation groups (``shard_model``), the same weights as quantising on one GPU; this needs
+    the whole model to fit one device once."""
+    if quant is None:
+        return load_sharded(spec, tp, dtype=dtype, progress=progress)
+    from dataclasses import fields
+
+    from llmopt.parallel.sharding import shard_model
+
+    lm = load_model(spec, device=tp.device, dtype=dtype, progress=progress, quant=quant)
+    comm = make_comm(tp)
+    plan = shard_model(lm.model, comm)
+    base = {f.name: getattr(lm, f.name) for f in fields(LoadedModel)}
+    return ShardedLoadedModel(**base, plan=plan, comm=comm, rank=tp.rank, world_size=tp.world_size)
+
