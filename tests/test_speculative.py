@@ -246,7 +246,8 @@ def test_cli_generate_with_ngram_draft_reports_stats(
 def test_regional_compiled_speculation_keeps_greedy_equal(tmp_path, monkeypatch) -> None:
     """--compile-mode regional with speculation: the verify step and the draft's one-token step
     run compiled layers (one compiled graph per step width, shared by every layer) and still emit
-    plain greedy decoding's tokens; multi-token feeds stay eager."""
+    plain greedy decoding's tokens; the draft's feeds of up to FEED_BY_STEP tokens go through
+    that compiled step token by token, longer ones (the prompt) stay eager."""
     monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
     model = random_model(preset_config("tiny").replace(num_layers=3), CPU, torch.float32, seed=0)
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]

@@ -21,6 +21,10 @@ from llmopt.sampling.sampler import SamplingTensors
 from llmopt.sampling.verify import probs_from_logits, sample_from_probs
 
 
+# Feeds of at most this many tokens go through the compiled one-token draft step, token by token.
+FEED_BY_STEP = 4
+
+
 @dataclass
 class Proposal:
     tokens: torch.Tensor  # [1, m] int64 on the device (m may be 0)
@@ -119,6 +123,13 @@ class ModelDrafter:
         inp = tokens_to_device(tokens, self.device)  # [1, n]
         positions = self._arange[start : start + n][None]  # [1, n]
         self.cached = start + n
+        if with_logits and self._step_graph is not None and n <= FEED_BY_STEP:
+            # The usual feed is 1 or 2 tokens (the last emitted one, after a full acceptance also
+            # the last draft): the compiled one-token step, once per token, instead of an eager
+            # forward, which at this size costs as much as many graph replays (launch-bound).
+            for i in range(n):
+                logits = self._step(inp[:, i : i + 1], positions[:, i : i + 1], start + i + 1)
+            return logits
         if not with_logits:
             self.model.hidden_states(inp, positions, kv_len=start + n)
             return None
