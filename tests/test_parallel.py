@@ -430,6 +430,20 @@ def test_cli_generate_tp2_quantised_matches_tp1_quantised(tmp_path: Path) -> Non
     assert json.loads(plain.stdout)["token_ids"] != a["token_ids"]
 
 
+def test_cli_speculative_tp2_matches_tp1(tmp_path: Path) -> None:
+    """--draft under --tp: the draft (here the sharded model's own first layer) proposes on every
+    rank alike, and the greedy tokens are those of one process."""
+    ckpt = _save_tiny(tmp_path / "ckpt", preset_config("tiny"))
+    common = ["generate", "-m", str(ckpt), "--device", "cpu", "--temperature", "0", "--json",
+              "--max-new-tokens", "12", "--ignore-eos", "-p", "abcabcabc abcabc", "--draft",
+              "self-layers:1", "--speculate-k", "3", "--fixed-k"]
+    one, two = _llmopt(*common), _llmopt(*common, "--tp", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
+    assert b["speculative"]["drafted_tokens"] > 0
+
+
 def test_cli_bench_tp2_reports_per_rank(tmp_path: Path) -> None:
     """bench --tp 2: the ranks run the bench together, rank 0 alone reports, and its roofline
     counts one rank's weights: about half of the TP=1 bytes (norms are replicated)."""
