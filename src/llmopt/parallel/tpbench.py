@@ -287,6 +287,10 @@ def bench_decode(
             continue
         load_s = time.perf_counter() - t0
         model = loaded.model
+        attention = args.attention
+        if attention == "auto":  # as llmopt bench: the split-K Triton decode kernel on GPUs
+            attention = "triton" if dev.type == "cuda" else "sdpa"
+        model.set_attention_backend(attention)
         wbytes = _weight_bytes(model)
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, loaded.config.vocab_size, (1, args.prompt_len), generator=gen).to(
@@ -304,6 +308,7 @@ def bench_decode(
                     "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens,
                     "random_weights": True,
+                    "attention": attention,
                     "load_s": round(load_s, 2),
                     "weight_gb_per_rank": wbytes / 1e9,
                 }
@@ -441,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=int, default=200)
     d.add_argument("--runs", type=int, default=3)
     d.add_argument("--dtype", default="auto")
+    d.add_argument("--attention", default="auto",
+                   help="auto (triton on GPU, sdpa on CPU; earlier runs, before this option, used sdpa)")
     d.add_argument("--profile", default=None, metavar="DIR",
                    help="compiled modes: profile one more run per rank, top-kernels tables in DIR")
     for q in (a, d):
