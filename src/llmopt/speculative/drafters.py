@@ -5,7 +5,8 @@ then per step ``propose(ids, k)`` with the committed tokens (prompt, output, and
 token whose keys are not yet in the target's cache), and ``accept(n)`` with how many of the
 proposed tokens the target kept. Model drafters keep their own static KV cache, written by
 position: rolling back is forgetting how far the cache is valid, and tokens the draft has not seen
-(the bonus token, or a backlog after steps without drafting) are fed in one forward next time.
+(the bonus token, or a backlog after steps without drafting) are fed next time: in one forward,
+or, when the draft step is compiled and they are few, through that step one token at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from torch import nn
 
 from llmopt.sampling.sampler import SamplingTensors
 from llmopt.sampling.verify import probs_from_logits, sample_from_probs
-
 
 # Feeds of at most this many tokens go through the compiled one-token draft step, token by token.
 FEED_BY_STEP = 4
