@@ -29,7 +29,7 @@ class ShardedLLM(LLM):
         tp: int = 2,
         device: str = "auto",
         dtype: str = "auto",
-        attention: str = "sdpa",
+        attention: str = "auto",
         allreduce: str = "auto",
         progress: bool = True,
         engine: str = "static",
