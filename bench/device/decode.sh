@@ -24,7 +24,7 @@ run() {  # name, args...  (output streams into log.txt, so a run cut short still
     EST=$((SECONDS - t0 + 15))
 }
 T0=$SECONDS
-EST=${RUN_S:-420}  # how long the next run is expected to take: the last run's time, at first RUN_S
+EST=${EST_S:-90}  # how long the next run is expected to take: the last run's time; at first EST_S (a 7B bench run takes 45-60 s)
 for r in "$@"; do
     EXTRA="" name=$r
     case $r in *+regional) r=${r%+regional} name=${r%+regional}_regional EXTRA="--compile-mode regional" ;; esac
