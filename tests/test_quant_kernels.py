@@ -117,12 +117,16 @@ def _gemv_args(fmt: str, args: tuple) -> tuple:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "nf4-select", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int]) -> None:
+def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], monkeypatch) -> None:
     """The few-row kernels (LLMOPT_WO_KERNEL=triton-gemv) at 1, 3 and 8 rows against float64
-    dequantise-matmul."""
+    dequantise-matmul; nf4-select: NF4 levels picked by selects (LLMOPT_NF4_DECODE=select)."""
     from llmopt.quant.kernels import triton_wo
+
+    if fmt == "nf4-select":
+        monkeypatch.setattr(triton_wo, "NF4_DECODE", "select")
+        fmt = "nf4"
 
     n, k, group = shape
     g = torch.Generator(device="cuda").manual_seed(n + k)
@@ -255,14 +259,17 @@ for n, k, group in [(64, 256, 32), (96, 576, 128)]:
             kern_g = T._packed_gemv_kernel if packed else T._rowmajor_gemv_kernel
             configs = T._packed_gemv_configs() if packed else T._rowmajor_gemv_configs()
             for cfg in T.gemv_configs(configs, block_m):
-                kw = cfg.kwargs
-                out = torch.zeros((m, n_out), dtype=torch.float32 if packed else torch.float16)
-                grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"]) if packed else (triton.cdiv(n_out, kw["BLOCK_N"]),)
-                extra = (lut,) if packed else ()
-                kern_g.fn[grid](x, wt, s, z, *extra, out, m, n_out, k, x.stride(0), FMT=code, GROUP=grp,
-                                BLOCK_M=block_m, **kw)
-                err = ((out.double() - expect).norm() / expect.norm()).item()
-                worst[fmt + "-gemv"] = max(worst.get(fmt + "-gemv", 0.0), err)
+                # nf4 both ways: levels loaded from the codebook, and picked by selects
+                for sel in ((False, True) if fmt == "nf4" else (False,)):
+                    kw = dict(cfg.kwargs, **({"NF4_SELECT": sel} if packed else {}))
+                    out = torch.zeros((m, n_out), dtype=torch.float32 if packed else torch.float16)
+                    grid = (triton.cdiv(n_out, kw["BLOCK_N"]), kw["SPLIT_K"]) if packed else (triton.cdiv(n_out, kw["BLOCK_N"]),)
+                    extra = (lut,) if packed else ()
+                    kern_g.fn[grid](x, wt, s, z, *extra, out, m, n_out, k, x.stride(0), FMT=code, GROUP=grp,
+                                    BLOCK_M=block_m, **kw)
+                    err = ((out.double() - expect).norm() / expect.norm()).item()
+                    name = fmt + ("-select" if sel else "") + "-gemv"
+                    worst[name] = max(worst.get(name, 0.0), err)
         dense = (torch.randn(n, k) * 0.05).half()
         expect = x.double() @ dense.double().t()
         for cfg in T.gemv_configs(T._rowmajor_gemv_configs(), block_m):
@@ -300,11 +307,12 @@ common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "FMT": C, "GRO
 cases = []
 for block_m in (1, 8):
     for cfg in T.gemv_configs(T._packed_gemv_configs(), block_m):
-        for fmt, grp in ((T.FMT_INT4, 32), (T.FMT_INT4, 128), (T.FMT_NF4, 64)):
+        for fmt, grp, sel in ((T.FMT_INT4, 32, False), (T.FMT_INT4, 128, False), (T.FMT_NF4, 64, False),
+                              *([(T.FMT_NF4, 64, True)] if block_m == 1 else [])):  # selects: one row
             sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
-                   "out_ptr": "*fp32", **common, "SPLIT_K": C}
-            cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m, **cfg.kwargs},
-                          cfg.num_warps))
+                   "out_ptr": "*fp32", **common, "SPLIT_K": C, "NF4_SELECT": C}
+            cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m,
+                                                       "NF4_SELECT": sel, **cfg.kwargs}, cfg.num_warps))
     for cfg in T.gemv_configs(T._rowmajor_gemv_configs(), block_m):
         for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
                              (T.FMT_DENSE, 1 << 30, "*bf16")):

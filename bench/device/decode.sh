@@ -62,6 +62,7 @@ for r in "$@"; do
         l2-7b_int8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int8g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int8-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_nf4_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_nf4_select) LLMOPT_NF4_DECODE=select run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_fp8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;

@@ -20,6 +20,7 @@ References: ``reference.py`` (the plain-PyTorch paths); tests: tests/test_quant_
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -31,6 +32,17 @@ from llmopt.quant.primitives import nf4_codebook
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
+# How the one-row kernel turns NF4 codes into levels: "lut" (default, measured: 94.8 tok/s at 7B)
+# loads each weight's level from the 16-entry codebook in memory, a gather of up to 16 addresses
+# per warp for every weight; "select" picks it in registers by a tree of 15 selects on the code's
+# four bits (``_nf4_select``), no memory traffic (not yet measured on a GPU); single rows only,
+# since with 8 rows' accumulators live the select tree spills registers on sm_90. Read at import.
+NF4_DECODES = ("lut", "select")
+NF4_DECODE = os.environ.get("LLMOPT_NF4_DECODE", "lut")
+if NF4_DECODE not in NF4_DECODES:
+    from llmopt.errors import UserError
+
+    raise UserError(f"LLMOPT_NF4_DECODE must be one of {', '.join(NF4_DECODES)}, got {NF4_DECODE!r}")
 
 
 def _configs() -> list[triton.Config]:
@@ -158,6 +170,29 @@ def gemv_configs(configs: list[triton.Config], rows: int) -> list[triton.Config]
 
 
 @triton.jit
+def _nf4_select(c):
+    """The NF4 level (``nf4_codebook()``, float32, ascending) of each 4-bit code in c: bit 0 picks
+    within pairs, bit 1 between pairs, bit 2 between quads, bit 3 between halves."""
+    b0 = (c & 1) != 0
+    b1 = (c & 2) != 0
+    b2 = (c & 4) != 0
+    b3 = (c & 8) != 0
+    p0 = tl.where(b0, -0.6961928009986877, -1.0)
+    p1 = tl.where(b0, -0.39491742849349976, -0.5250729322433472)
+    p2 = tl.where(b0, -0.18477340042591095, -0.2844413220882416)
+    p3 = tl.where(b0, 0.0, -0.09104997664690018)
+    p4 = tl.where(b0, 0.16093014180660248, 0.07958031445741653)
+    p5 = tl.where(b0, 0.3379151225090027, 0.24611225724220276)
+    p6 = tl.where(b0, 0.5626168847084045, 0.4407097399234772)
+    p7 = tl.where(b0, 1.0, 0.722956657409668)
+    q0 = tl.where(b1, p1, p0)
+    q1 = tl.where(b1, p3, p2)
+    q2 = tl.where(b1, p5, p4)
+    q3 = tl.where(b1, p7, p6)
+    return tl.where(b3, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
+
+
+@triton.jit
 def _add_row(acc, contrib, rows, m):
     """acc [BLOCK_M, BN] with contrib [BN] added to row m (a register tile has no row store)."""
     return acc + tl.where(rows[:, None] == m, contrib[None, :], 0.0)
@@ -167,7 +202,7 @@ def _add_row(acc, contrib, rows, m):
 def _packed_gemv(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, M, N, K, stride_xm,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NF4_SELECT: tl.constexpr = False,
 ):
     """x [M, K] against 4-bit codes [K/8, N] (int4 or nf4) into a float32 out [M, N]: each
     int32 word loaded once and split into its 8 codes by broadcast shifts ([BK/8, 8, BN]), then
@@ -196,6 +231,8 @@ def _packed_gemv(
         if FMT == 1:
             wv = codes.to(tl.float32)
             zp = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+        elif NF4_SELECT:
+            wv = _nf4_select(codes)  # [NG, GK, BN]
         else:
             wv = tl.load(lut_ptr + codes).to(tl.float32)  # [NG, GK, BN]
         for m in tl.static_range(BLOCK_M):
@@ -293,7 +330,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     kern = _packed_gemv_kernel if m == 1 else _packed_gemv_rows_kernel
     kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-        x2, w, s, z, lut, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m)
+        x2, w, s, z, lut, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m,
+        NF4_SELECT=NF4_DECODE == "select" and m == 1)  # at 8 rows the selects spill (sm_90)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
