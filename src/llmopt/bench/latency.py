@@ -148,10 +148,9 @@ def run_latency_bench(
     profile_dir: Path | None = None,
     compile_prefill: bool = False,
     fuse_projections: bool = False,
-    kv_heads_per_device: int | None = None,
 ) -> BenchResult:
-    """``kv_heads_per_device``: under tensor parallelism, the KV heads one rank holds (the
-    roofline is then one rank's: its weights and its part of the cache)."""
+    """Under tensor parallelism ``model`` is one rank's shard, and the roofline is that rank's:
+    its weights and the KV heads its attention holds."""
     config: ModelConfig = model.config
     dtype = next(model.parameters()).dtype
     max_seq = cfg.prompt_len + cfg.new_tokens
@@ -187,8 +186,7 @@ def run_latency_bench(
     compile_s = max(first_run_s - med(r.total_s for r in runs), 0.0) if compile else None
     wbytes = weight_bytes_read_per_token(model)
     kv = kv_bytes_per_step(config, cfg.batch_size, cfg.prompt_len + cfg.new_tokens / 2, dtype)
-    if kv_heads_per_device is not None:
-        kv *= kv_heads_per_device / config.num_kv_heads
+    kv *= model.model.layers[0].self_attn.num_kv_heads / config.num_kv_heads  # this device's share
     achieved = (wbytes + kv) * dec  # one decode step serves the whole batch
     copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
     roof_tps = copy_bw / (wbytes + kv) if copy_bw else None

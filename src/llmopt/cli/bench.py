@@ -58,15 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
         tp = init_tp(tp_n, args.device, args.tp_allreduce)
         lm = load_for_rank(args.model, tp, dtype=args.dtype, quant=quant)
-        if tp.allreduce != "nccl":
-            assert lm.comm is not None
-            lm.comm.enable_symm_mem(tp.allreduce, lm.dtype, tp.device)
     else:
         lm = load_model(args.model, device=args.device, dtype=args.dtype, quant=quant)
     needed = cfg.prompt_len + cfg.new_tokens
     if needed > lm.config.max_position_embeddings:
-        from llmopt.errors import UserError
-
         raise UserError(f"prompt-len + new-tokens = {needed} exceeds the model's context "
                         f"({lm.config.max_position_embeddings})")
     swapped = 0
@@ -74,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         from llmopt.models.gemv_linear import use_gemv_linears
 
         swapped = use_gemv_linears(lm.model)
-    attention = args.attention
-    if attention == "auto":
-        attention = "triton" if lm.device.type == "cuda" else "sdpa"
+    from llmopt.attention.base import resolve_backend_name
+
+    attention = resolve_backend_name(args.attention, lm.device)
     lm.model.set_attention_backend(attention)
     result = run_latency_bench(
         lm.model, lm.device, cfg, model_name=args.model, random_weights=lm.random_weights,
@@ -84,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
         quant=getattr(args, "quant", None), load_s=lm.load_seconds, t_process_start=T_PROCESS_START,
         profile_dir=Path(args.profile) if args.profile else None, compile_prefill=args.compile_prefill,
         fuse_projections=args.fuse_projections,
-        kv_heads_per_device=None if tp is None else lm.model.model.layers[0].self_attn.num_kv_heads,
     )
     if tp is not None:
         result.extra.update(tp=tp.world_size, per_rank_roofline=True,

@@ -78,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
         is_main = tp.is_main
         progress = progress and is_main
         lm = load_for_rank(args.model, tp, dtype=args.dtype, quant=args.quant, progress=progress)
-        if tp.allreduce != "nccl":
-            assert lm.comm is not None
-            lm.comm.enable_symm_mem(tp.allreduce, lm.dtype, tp.device)
     else:
         lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress, quant=args.quant)
     lm.model.set_attention_backend(args.attention)

@@ -59,9 +59,6 @@ def build_engine(args: argparse.Namespace):  # -> LLMEngine
         tp = init_tp(args.tp, args.device, getattr(args, "tp_allreduce", "auto"))
         lm = load_for_rank(args.model, tp, dtype=args.dtype, quant=quant,
                            progress=progress_enabled() and tp.is_main)
-        if tp.allreduce != "nccl":
-            assert lm.comm is not None
-            lm.comm.enable_symm_mem(tp.allreduce, lm.dtype, tp.device)
         make_runner = make_tp_runner(tp)
     else:
         lm = load_model(args.model, device=args.device, dtype=args.dtype,

@@ -46,9 +46,6 @@ class ShardedLLM(LLM):
             quant=quant,
             progress=progress and self.tp.is_main and sys.stderr.isatty(),
         )
-        if self.tp.allreduce != "nccl":  # "auto" was resolved for this rank's device
-            assert shard.comm is not None
-            shard.comm.enable_symm_mem(self.tp.allreduce, shard.dtype, self.tp.device)
         super().__init__(
             model,
             device=str(shard.device),

@@ -239,19 +239,26 @@ def load_for_rank(
     quant: str | None = None,
     progress: bool = False,
 ) -> ShardedLoadedModel:
-    """This rank's part of ``spec``. Without ``quant``: ``load_sharded`` (sliced reads). With it:
-    the whole model is loaded and quantised on this rank's device, then split along whole
-    quantisation groups (``shard_model``), the same weights as quantising on one GPU; this needs
-    the whole model to fit one device once."""
+    """This rank's part of ``spec``, its all-reduce the one ``tp`` chose (``tp.allreduce``).
+    Without ``quant``: ``load_sharded`` (sliced reads). With it: the whole model is loaded and
+    quantised on this rank's device, then split along whole quantisation groups
+    (``shard_model``), the same weights as quantising on one GPU; this needs the whole model to
+    fit one device once."""
     if quant is None:
-        return load_sharded(spec, tp, dtype=dtype, progress=progress)
-    from dataclasses import fields
+        shard = load_sharded(spec, tp, dtype=dtype, progress=progress)
+    else:
+        from dataclasses import fields
 
-    from llmopt.parallel.sharding import shard_model
+        from llmopt.parallel.sharding import shard_model
 
-    lm = load_model(spec, device=tp.device, dtype=dtype, progress=progress, quant=quant)
-    comm = make_comm(tp)
-    plan = shard_model(lm.model, comm)
-    base = {f.name: getattr(lm, f.name) for f in fields(LoadedModel)}
-    return ShardedLoadedModel(**base, plan=plan, comm=comm, rank=tp.rank, world_size=tp.world_size)
+        lm = load_model(spec, device=tp.device, dtype=dtype, progress=progress, quant=quant)
+        comm = make_comm(tp)
+        plan = shard_model(lm.model, comm)
+        base = {f.name: getattr(lm, f.name) for f in fields(LoadedModel)}
+        shard = ShardedLoadedModel(**base, plan=plan, comm=comm, rank=tp.rank,
+                                   world_size=tp.world_size)
+    if tp.allreduce != "nccl":  # symmetric memory ("auto" was resolved for this rank's device)
+        assert shard.comm is not None
+        shard.comm.enable_symm_mem(tp.allreduce, shard.dtype, tp.device)
+    return shard
 

@@ -262,6 +262,7 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 def bench_decode(
     args: argparse.Namespace, tp: TPContext | None, save: Callable[[list[dict[str, Any]]], None]
 ) -> list[dict[str, Any]]:
+    from llmopt.attention.base import resolve_backend_name
     from llmopt.devices import resolve_device, resolve_dtype
     from llmopt.loading.loader import load_model
     from llmopt.parallel.loading import load_sharded
@@ -287,9 +288,7 @@ def bench_decode(
             continue
         load_s = time.perf_counter() - t0
         model = loaded.model
-        attention = args.attention
-        if attention == "auto":  # as llmopt bench: the split-K Triton decode kernel on GPUs
-            attention = "triton" if dev.type == "cuda" else "sdpa"
+        attention = resolve_backend_name(args.attention, dev)  # auto: as llmopt bench
         model.set_attention_backend(attention)
         wbytes = _weight_bytes(model)
         gen = torch.Generator().manual_seed(0)
