@@ -16,6 +16,17 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
 
 WORLD = 2
+# Seconds the two ranks get for everything (their compiles included) before the fixture stops
+# them and fails with the stages each reached (``progress_rank*.txt``).
+DEADLINE_S = float(os.environ.get("LLMOPT_TP_TEST_S", "900"))
+
+
+def _stage(out_dir: str, rank: int, name: str) -> None:
+    """Append ``name`` to this rank's progress file, so a run cut short shows where it was."""
+    import time
+
+    with open(Path(out_dir) / f"progress_rank{rank}.txt", "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {name}\n")
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -35,6 +46,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from llmopt.parallel.sharding import shard_model
     from llmopt.sampling import SamplingParams
 
+    _stage(out_dir, rank, "init")
     tp = init_tp(WORLD, "cuda")
     dev = tp.device
     res: dict[str, Any] = {}
@@ -64,6 +76,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         }
     comm.disable_symm_mem()
 
+    _stage(out_dir, rank, "all-reduce checks done")
     # Logits and greedy tokens: TP=2 (eager and compiled, NCCL and one-shot) against TP=1.
     cfg = preset_config("tiny").replace(
         hidden_size=256,
@@ -93,11 +106,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         tp_comm.disable_symm_mem()
         if mode != "nccl":
             tp_comm.enable_symm_mem(mode, torch.float32, dev)
+        _stage(out_dir, rank, f"compiled decode, {mode}")
         torch._dynamo.reset()
         gen = Generator(shard, None, dev, compile=True, max_seq_len=64)
         res[f"compiled_{mode}_tokens_equal"] = gen.generate(ids, sp)[0].token_ids == ref_tokens
     # regional compile under TP: compiled layers (functional collectives), the step captured
     # whole by CapturedStep, the all-reduces inside that graph
+    _stage(out_dir, rank, "regional decode")
     tp_comm.disable_symm_mem()
     torch._dynamo.reset()
     try:
@@ -105,6 +120,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["regional_nccl_tokens_equal"] = gen.generate(ids, sp)[0].token_ids == ref_tokens
     except Exception as e:  # recorded, so the other results still come back
         res["regional_nccl_tokens_equal"] = f"{type(e).__name__}: {str(e)[:300]}"
+    _stage(out_dir, rank, "serving engine")
     # The serving engine under TP (one-shot all-reduce, CUDA-graph decode): rank 0 schedules
     # and broadcasts, rank 1 follows; tokens against the one-GPU engine on the whole model.
     try:
@@ -126,6 +142,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             res["worker_steps"] = run_worker(engine.runner, tp)
     except Exception as e:  # recorded, so the other results still come back
         res["served"] = f"{type(e).__name__}: {str(e)[:300]}"
+    _stage(out_dir, rank, "done")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
     shutdown_tp(barrier=True)
 
@@ -137,7 +154,17 @@ def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     from llmopt.parallel.launch import free_port
 
     root = tmp_path_factory.mktemp("tpgpu")
-    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=True)
+    import time
+
+    ctx = mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            stages = {r: (root / f"progress_rank{r}.txt").read_text() if (root / f"progress_rank{r}.txt").exists()
+                      else "(none)" for r in range(WORLD)}
+            pytest.fail(f"the two ranks did not finish in {DEADLINE_S:.0f} s; stages reached: {stages}")
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -120,8 +120,9 @@ def _gemv_args(fmt: str, args: tuple) -> tuple:
 @pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "nf4-select", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], monkeypatch) -> None:
-    """The few-row kernels (LLMOPT_WO_KERNEL=triton-gemv) at 1, 3 and 8 rows against float64
-    dequantise-matmul; nf4-select: NF4 levels picked by selects (LLMOPT_NF4_DECODE=select)."""
+    """The few-row kernels (LLMOPT_WO_KERNEL=triton-gemv) at 1, 3 and 8 rows, and the one-row
+    deferred-sum kernels, against float64 dequantise-matmul; nf4-select: NF4 levels picked by
+    selects (LLMOPT_NF4_DECODE=select)."""
     from llmopt.quant.kernels import triton_wo
 
     if fmt == "nf4-select":
@@ -135,10 +136,14 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], mo
                  else a for a in _formats(w, group)[fmt])
     for m in (1, 3, 8):
         x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-        y = triton_wo.gemv(x, *_gemv_args(fmt, args))
         expect = x.double() @ _dequant(fmt, args, k).t()
-        assert y.shape == (m, n) and y.dtype == torch.bfloat16
-        assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2, m
+        # one row also through the deferred-sum kernels (LLMOPT_GEMV_ONE_ROW=deferred), both decodes
+        ways = [{"one_row": "reduce"}] + ([{"one_row": "deferred", "int_decode": d} for d in triton_wo.DECODES]
+                                          if m == 1 else [])
+        for kw in ways:
+            y = triton_wo.gemv(x, *_gemv_args(fmt, args), **kw)
+            assert y.shape == (m, n) and y.dtype == torch.bfloat16
+            assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2, (m, kw)
 
 
 @pytest.mark.gpu
@@ -291,6 +296,62 @@ def test_triton_kernel_every_config_under_the_interpreter(tmp_path) -> None:
     run_triton_script(_INTERPRET_SCRIPT, tmp_path, interpret=True)
 
 
+_ONE_ROW_SCRIPT = r'''
+import sys, torch, triton
+from llmopt.quant.kernels import triton_wo as T
+sys.path.insert(0, sys.argv[1])
+from test_quant_kernels import _dequant, _formats, _gemv_args
+
+torch.manual_seed(0)
+worst = {}
+for n, k, group in [(96, 576, 32), (64, 1024, 128)]:  # 576: K not a multiple of most tiles
+    w = torch.randn(n, k) * 0.05
+    w[:, :8] += 1.0  # a large offset in one group: the exponent trick's sums must not lose it
+    formats = _formats(w, group)
+    x = torch.randn(1, k, dtype=torch.float16)
+    for fmt in ("int8", "int4", "nf4", "fp8"):
+        if fmt == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+            continue
+        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1 else a
+                     for a in formats[fmt])
+        wt, s, z, lut, code, grp = _gemv_args(fmt, args)
+        expect = x.double() @ _dequant(fmt, args, k).t()
+        packed = fmt in ("int4", "nf4")
+        for dec in T.DECODES.values():
+            for sel in ((False, True) if fmt == "nf4" else (False,)):
+                for cfg in (T._tile_configs(T.ONE_ROW_TILES["packed"]) if packed else T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
+                    kw = cfg.kwargs
+                    if packed:
+                        out = torch.zeros((n,), dtype=torch.float32)
+                        T._packed_gemv1[(triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])](
+                            x, wt, s, z, lut.float(), out, n, k, 15, FMT=code, GROUP=grp, NF4_SELECT=sel,
+                            INT_DECODE=dec, **kw)
+                    else:
+                        out = torch.empty((n,), dtype=torch.float16)
+                        T._rowmajor_gemv1[(triton.cdiv(n, kw["BLOCK_N"]),)](x, wt, s, out, n, k, FMT=code,
+                                                                           INT_DECODE=dec, **kw)
+                    err = ((out.double() - expect[0]).norm() / expect.norm()).item()
+                    name = f"{fmt}{'-select' if sel else ''}-dec{dec}"
+                    worst[name] = max(worst.get(name, 0.0), err)
+    dense = (torch.randn(n, k) * 0.05).half()
+    expect = x.double() @ dense.double().t()
+    for cfg in T._tile_configs(T.ONE_ROW_TILES["rowmajor"]):
+        out = torch.empty((n,), dtype=torch.float16)
+        T._rowmajor_gemv1[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)](x, dense, dense, out, n, k, FMT=T.FMT_DENSE,
+                                                                   INT_DECODE=0, **cfg.kwargs)
+        worst["dense"] = max(worst.get("dense", 0.0), ((out.double() - expect[0]).norm() / expect.norm()).item())
+print(worst)
+assert len(worst) >= 9 and all(e < 2e-3 for e in worst.values()), worst
+'''
+
+
+def test_one_row_kernels_every_config_under_the_interpreter(tmp_path) -> None:
+    """The deferred-sum one-row kernels (LLMOPT_GEMV_ONE_ROW=deferred) against float64
+    dequantise-matmul: every config, both integer decodes (conversion and exponent trick), nf4
+    both ways, a ragged K, and a group whose weights sit far from zero; skipped without triton."""
+    run_triton_script(_ONE_ROW_SCRIPT, tmp_path, interpret=True)
+
+
 _COMPILE_SCRIPT = r'''
 import re, subprocess, tempfile
 import triton
@@ -319,9 +380,28 @@ for block_m in (1, 8):
             sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", **common}
             cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m, **cfg.kwargs},
                           cfg.num_warps))
+# the one-row deferred-sum kernels, both integer decodes (nf4: codebook and selects), compiled as
+# a launch on the model shapes specialises them: N, K and the pointers multiples of 16 (without
+# that, the widest tiles spill a few bytes)
+one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C}
+for cfg in T._tile_configs(T.ONE_ROW_TILES["packed"]):
+    for fmt, grp, sel in ((T.FMT_INT4, 32, False), (T.FMT_INT4, 128, False), (T.FMT_NF4, 64, False), (T.FMT_NF4, 64, True)):
+        for dec in T.DECODES.values():
+            sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
+                   "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_SELECT": C}
+            cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_SELECT": sel, "INT_DECODE": dec,
+                                                        **cfg.kwargs}, cfg.num_warps))
+for cfg in T._tile_configs(T.ONE_ROW_TILES["rowmajor"]):
+    for fmt, wt in ((T.FMT_INT8, "*i8"), (T.FMT_FP8, "*fp8e4nv"), (T.FMT_DENSE, "*bf16")):
+        for dec in T.DECODES.values():
+            sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "out_ptr": "*bf16", **one}
+            cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, **cfg.kwargs}, cfg.num_warps))
+HINTED = {id(T._packed_gemv1_kernel), id(T._rowmajor_gemv1_kernel)}
 spilled = []
 for kern, sig, consts, warps in cases:
-    k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=consts),
+    attrs = ({(kern.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
+              if t != C and a not in ("M", "nib")} if id(kern) in HINTED else None)
+    k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])

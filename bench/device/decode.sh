@@ -66,7 +66,14 @@ for r in "$@"; do
         l2-7b_fp8_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant fp8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128_gemv) LLMOPT_WO_KERNEL=triton-gemv run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        wo_kernels) timeout 300 python3 bench/device/wo_kernels.py --out "$OUT/wo_kernels.json" 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
+        # the deferred-sum one-row kernels (LLMOPT_GEMV_ONE_ROW=deferred; integer codes by the exponent trick)
+        l2-7b_int8_gemv1|l2-7b_int4g128_gemv1|l2-7b_int4g32_gemv1|l2-7b_nf4_gemv1|l2-7b_fp8_gemv1|l2-7b_int8_gemv1_cvt)
+            q=${r#l2-7b_}; q=${q%%_*}; q=${q/int4g/int4-g}
+            LLMOPT_WO_KERNEL=triton-gemv LLMOPT_GEMV_ONE_ROW=deferred LLMOPT_INT_DECODE=$([ "${r##*_}" = cvt ] && echo cvt || echo magic) \
+                run $name $L7 --quant $q --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_nf4_gemv1_select) LLMOPT_GEMV_ONE_ROW=deferred LLMOPT_NF4_DECODE=select run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_b1_gemv1) LLMOPT_GEMV_ONE_ROW=deferred run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        wo_kernels) timeout ${WO_S:-300} python3 bench/device/wo_kernels.py --out "$OUT/wo_kernels.json" --rows ${WO_ROWS:-1 8} 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
         gemv_tests) timeout 200 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "tinygemm or gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;

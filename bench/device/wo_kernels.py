@@ -20,27 +20,51 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # test modules import ``tests.*``
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, gate/up, down
 
 
-def _time_us(fn, iters: int = 200) -> float:
-    for _ in range(10):
+def _time_us(fns, iters: int = 200) -> float:
+    """Microseconds per call of the callables in ``fns`` (one per copy of the weights), replayed
+    from a CUDA graph (launch overhead out, as in decode) that calls them in turn: with enough
+    copies (``--rotate-mb``) each call reads its weights from memory, not from the 50 MB L2
+    cache a single repeated weight would sit in."""
+    fns = fns if isinstance(fns, list) else [fns]
+    for fn in fns * 2:
         fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()  # replay from a graph: launch overhead out, as in decode
+    per_graph = max(20, len(fns))
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn()
+        for i in range(per_graph):
+            fns[i % len(fns)]()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     torch.cuda.synchronize()
+    reps = max(1, iters // per_graph)
     start.record()
-    for _ in range(iters // 20):
+    for _ in range(reps):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters // 20 * 20)
+    return start.elapsed_time(end) * 1000 / (reps * per_graph)
+
+
+def _copies(args: tuple, nbytes: int, rotate_mb: float) -> list[tuple]:
+    """``args`` and enough clones of its tensors that all together exceed ``rotate_mb``."""
+    count = max(1, int(rotate_mb * 1e6 // max(nbytes, 1)) + 1) if rotate_mb > 0 else 1
+    return [args] + [tuple(a.clone() if torch.is_tensor(a) else a for a in args) for _ in range(count - 1)]
+
+
+def _nf4_select_call(x: torch.Tensor, gargs: tuple) -> torch.Tensor:
+    from llmopt.quant.kernels import triton_wo as T
+
+    saved, T.NF4_DECODE = T.NF4_DECODE, "select"
+    try:
+        return T.gemv(x, *gargs, one_row="deferred")
+    finally:
+        T.NF4_DECODE = saved
 
 
 def _tinygemm(x: torch.Tensor, fargs: tuple, n: int, k: int):
@@ -65,6 +89,8 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--group", type=int, default=128)
+    p.add_argument("--rotate-mb", type=float, default=200.0,
+                   help="cycle through copies of each weight totalling this many MB (0: one copy, L2-resident)")
     args = p.parse_args()
     torch.manual_seed(0)
     from llmopt.devices import copy_bandwidth
@@ -77,17 +103,21 @@ def main() -> int:
         bf16 = w.to(torch.bfloat16)
         for m in args.rows:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            base_us = _time_us(partial(F.linear, x, bf16))
+            bf16s = [c[0] for c in _copies((bf16,), 2 * n * k, args.rotate_mb)]
+            base_us = _time_us([partial(F.linear, x, b) for b in bf16s])
             rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": "cublas", "us": base_us,
                              "bytes": 2 * n * k, "gb_per_s": 2 * n * k / base_us / 1e3})
             if m <= 8:  # the few-row kernel on unquantised weights: could it replace cuBLAS?
-                dense = partial(T.gemv, x, bf16, bf16, bf16, bf16, T.FMT_DENSE, 1 << 30)
                 expect = x.double() @ bf16.double().t()
-                err = ((dense().double() - expect).norm() / expect.norm()).item()
-                us = _time_us(dense)
-                rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": "triton-gemv",
-                                 "us": us, "bytes": 2 * n * k, "gb_per_s": 2 * n * k / us / 1e3,
-                                 "vs_bf16": base_us / us, "relative_error": err})
+                for kname, kw in (("triton-gemv", {"one_row": "reduce"}), ("gemv1", {"one_row": "deferred"})):
+                    if kname == "gemv1" and m > 1:
+                        continue
+                    dense = [partial(T.gemv, x, b, b, b, b, T.FMT_DENSE, 1 << 30, **kw) for b in bf16s]
+                    err = ((dense[0]().double() - expect).norm() / expect.norm()).item()
+                    us = _time_us(dense)
+                    rows_out.append({"shape": [n, k], "rows": m, "format": "bf16", "kernel": kname,
+                                     "us": us, "bytes": 2 * n * k, "gb_per_s": 2 * n * k / us / 1e3,
+                                     "vs_bf16": base_us / us, "relative_error": err})
             for fmt, fargs in formats.items():
                 fargs = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point()
                               and a.element_size() > 1 else a for a in fargs)
@@ -95,24 +125,32 @@ def main() -> int:
                 nbytes = sum(a.numel() * a.element_size() for a in fargs if torch.is_tensor(a))
                 matmul = {"int8": T.int8_matmul, "int8g": T.int8g_matmul, "int4": T.int4_matmul,
                           "nf4": T.nf4_matmul, "fp8": T.fp8_matmul}[fmt]
-                cands = {"triton": partial(matmul, x, *fargs)}
+                copies = _copies(fargs, nbytes, args.rotate_mb)
+                cands = {"triton": [partial(matmul, x, *c) for c in copies]}
                 if m <= 8:  # the few-row kernels take up to 8 rows
-                    cands["triton-gemv"] = partial(T.gemv, x, *_gemv_args(fmt, fargs))
+                    cands["triton-gemv"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="reduce") for c in copies]
+                if m == 1 and fmt != "int8g":  # the deferred-sum one-row kernels, both integer decodes
+                    for dec in T.DECODES:
+                        cands[f"gemv1-{dec}"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="deferred",
+                                                         int_decode=dec) for c in copies]
+                if m == 1 and fmt == "nf4":  # NF4 levels by selects (LLMOPT_NF4_DECODE=select)
+                    cands["gemv1-select"] = [partial(_nf4_select_call, x, _gemv_args(fmt, c)) for c in copies]
                 if fmt == "int4":
-                    cands["tinygemm"] = _tinygemm(x, fargs, n, k)
-                for name, fn in cands.items():
-                    if fn is None:
+                    tg = [_tinygemm(x, c, n, k) for c in copies]
+                    cands["tinygemm"] = None if tg[0] is None else tg
+                for name, fns in cands.items():
+                    if fns is None:
                         rows_out.append({"shape": [n, k], "rows": m, "format": fmt, "kernel": name,
                                          "error": "not available here (LLMOPT_WO_KERNEL, torch or shape)"})
                         continue
                     try:
-                        y = fn()
+                        y = fns[0]()
                         err = ((y.double() - expect).norm() / expect.norm()).item()
                         if err > 1e-2:
                             rows_out.append({"shape": [n, k], "rows": m, "format": fmt, "kernel": name,
                                              "error": f"relative error {err:.3g}"})
                             continue
-                        us = _time_us(fn)
+                        us = _time_us(fns)
                     except Exception as e:  # one failing kernel must not lose the others
                         rows_out.append({"shape": [n, k], "rows": m, "format": fmt, "kernel": name,
                                          "error": f"{type(e).__name__}: {str(e)[:200]}"})

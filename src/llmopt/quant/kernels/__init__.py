@@ -34,11 +34,11 @@ SMALL_M = 16
 KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv")
 
 # What ``auto`` sends down the one-row Triton kernels (``triton_wo.gemv``) at batch 1, chosen by
-# measurement on an H200 (Llama-2-7B shapes, bench/results/decode/h200_s6a_*): nf4 94.8 tok/s
-# against 54.1 with the tiled Triton kernel, int8-g32 165.7 against 98.5, fp8 270.3 against
-# 233.6, int4 shapes tinygemm does not take 206.9 against 150.3. Per-channel int8 stays on the
-# tiled kernel (256.8 against 252.3; 16.9 against 20.7 us on the 4096x11008 layer).
-AUTO_ONE_ROW = frozenset({"int4", "int8g", "nf4", "fp8"})
+# measurement on an H200 (Llama-2-7B, whole model, compiled; bench/results/decode/h200_s6a_*,
+# h200x2_s8_*): int8 292.3 tok/s against 256.8 with the tiled Triton kernel, fp8 298.6 against
+# 233.6, nf4 135.0 against 54.1, int8-g32 165.7 against 98.5, int4 shapes tinygemm does not
+# take 284.5 against 150.3 (where tinygemm fits it stays faster: 337.4 at int4-g128).
+AUTO_ONE_ROW = frozenset({"int4", "int8", "int8g", "nf4", "fp8"})
 GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) take
 
 
@@ -46,9 +46,8 @@ def gpu_kernel_choice() -> str:
     """``LLMOPT_WO_KERNEL`` picks the CUDA decode path, so the benchmark can choose by measurement:
     ``auto`` (default) is the measured-best path per format: int4 through torch's CUDA int4 GEMM
     (``torch._weight_int4pack_mm``, "tinygemm", the kernel gpt-fast uses; weights repacked at load
-    by ``Int4Linear.prepare_for_device``), per-channel int8 through the tiled Triton kernel, the
-    other formats (and int4 shapes tinygemm does not take) through the one-row Triton kernels at
-    batch 1. ``tinygemm`` is int4 through tinygemm and every other format through the tiled
+    by ``Int4Linear.prepare_for_device``), the other formats (and int4 shapes tinygemm does not
+    take) through the one-row Triton kernels at batch 1 and the tiled Triton kernel at 2-16 rows. ``tinygemm`` is int4 through tinygemm and every other format through the tiled
     Triton kernel; ``triton`` sends every format to the tiled kernels in ``triton_wo.py``;
     ``triton-gemv`` every format at 1 to 8 rows to ``triton_wo.gemv`` (no padded tl.dot rows,
     large tiles along K, each weight tile decoded once for all rows; not measured above one row)

@@ -45,6 +45,26 @@ if NF4_DECODE not in NF4_DECODES:
     raise UserError(f"LLMOPT_NF4_DECODE must be one of {', '.join(NF4_DECODES)}, got {NF4_DECODE!r}")
 
 
+# Which kernels take a single quantised row (batch-1 decode): "deferred" (default) the one-row
+# kernels ``_packed_gemv1`` and ``_rowmajor_gemv1``, which keep per-position partial sums and
+# reduce once (every format but int8-gN, which stays on the few-row kernel); "reduce" the few-row
+# kernels below, which sum each tile as they go. Measured in the whole 7B model on an H200
+# (bench/results/decode/h200x2_s8_*): int8 292.3 tok/s against 284.6, fp8 298.6 against 251.8,
+# nf4 135.0 against 99.8. Unquantised rows (``--dense-gemv``) stay on the few-row kernel unless
+# ``gemv(one_row="deferred")`` asks. LLMOPT_INT_DECODE: how the deferred kernels turn integer
+# codes into floats ("magic", default: the exponent trick, see DECODES; int8 292.3 tok/s;
+# "cvt": a conversion instruction, 204.8). Both read at import.
+ONE_ROW_KERNELS = ("reduce", "deferred")
+ONE_ROW = os.environ.get("LLMOPT_GEMV_ONE_ROW", "deferred")
+INT_DECODE = os.environ.get("LLMOPT_INT_DECODE", "magic")
+for _name, _value, _allowed in (("LLMOPT_GEMV_ONE_ROW", ONE_ROW, ONE_ROW_KERNELS),
+                                ("LLMOPT_INT_DECODE", INT_DECODE, ("cvt", "magic"))):
+    if _value not in _allowed:
+        from llmopt.errors import UserError
+
+        raise UserError(f"{_name} must be one of {', '.join(_allowed)}, got {_value!r}")
+
+
 def _configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): a small set, so autotuning stays
     # within seconds per shape.
@@ -56,6 +76,14 @@ def _configs() -> list[triton.Config]:
             for bn, bk, sk, w, s in table]
 
 
+@triton.jit
+def _split_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The first k and the length of this program's share of K (program_id(1) of SPLIT_K
+    contiguous, BLOCK_K-aligned ranges)."""
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    return tl.program_id(1) * k_per_split, k_per_split
+
+
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "FMT", "GROUP"], reset_to_zero=["out_ptr"])
 @triton.jit
 def _wo_matmul_kernel(
@@ -65,16 +93,13 @@ def _wo_matmul_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # each split owns a contiguous, BLOCK_K-aligned range of K
-    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
+    k_start, k_per_split = _split_range(K, BLOCK_K, SPLIT_K)  # each split owns a contiguous range of K
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -138,13 +163,17 @@ def _wo_matmul_kernel(
 # to BLOCK_M, unrolled), so a few rows cost little more weight traffic than one.
 
 
+def _tile_configs(table: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Configs from (BLOCK_N, BLOCK_K, [SPLIT_K,] num_warps) rows."""
+    names = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
+    return [triton.Config(dict(zip(names, row[:-1], strict=False)), num_warps=row[-1]) for row in table]
+
+
 def _packed_gemv_configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps): BLOCK_K x BLOCK_N / 2 bytes of codes per iteration
     # (tiles whose registers spilled in ptxas for sm_90 were left out)
-    table = [(64, 256, 4, 4), (128, 256, 2, 8), (32, 512, 4, 8), (32, 512, 4, 4), (128, 128, 4, 4),
-             (256, 64, 4, 8), (32, 256, 8, 4), (64, 128, 8, 4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
-            for bn, bk, sk, w in table]
+    return _tile_configs([(64, 256, 4, 4), (128, 256, 2, 8), (32, 512, 4, 8), (32, 512, 4, 4),
+                          (128, 128, 4, 4), (256, 64, 4, 8), (32, 256, 8, 4), (64, 128, 8, 4)])
 
 
 def _rowmajor_gemv_configs() -> list[triton.Config]:
@@ -153,9 +182,8 @@ def _rowmajor_gemv_configs() -> list[triton.Config]:
     # call is one kernel (split-K needed a zeroed float32 buffer and a cast after it: two more
     # small kernels per call, in a decode step of 225 matmuls at 7B). At N = 4096 the tiles give
     # 64 to 1,024 programs.
-    table = [(16, 512, 4), (32, 256, 4), (8, 1024, 4), (8, 512, 4), (16, 256, 4), (64, 128, 8),
-             (4, 2048, 4), (4, 1024, 2)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in table]
+    return _tile_configs([(16, 512, 4), (32, 256, 4), (8, 1024, 4), (8, 512, 4), (16, 256, 4),
+                          (64, 128, 8), (4, 2048, 4), (4, 1024, 2)])
 
 
 def gemv_configs(configs: list[triton.Config], rows: int) -> list[triton.Config]:
@@ -210,14 +238,12 @@ def _packed_gemv(
     NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups per tile
     GK: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K  # of the tile's k, per group
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows_m = tl.arange(0, BLOCK_M)
     shifts = tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
+    k_start, k_per_split = _split_range(K, BLOCK_K, SPLIT_K)
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -295,6 +321,149 @@ def _rowmajor_gemv(
 
 
 
+# -- one-row kernels with deferred sums (batch-1 decode; LLMOPT_GEMV_ONE_ROW=deferred) ------------
+# The few-row kernels above reduce every tile along K as they go (a tl.sum per tile and row). K
+# lies across the threads of a warp, so each iteration pays warp shuffles, and in the packed
+# kernel shared-memory layout conversions with barriers (for sm_90, per 16 K weights of a
+# 64 x 256 int4 tile: 28 BAR, 43 LDS, 12 SHFL in SASS). These two keep one float32 partial sum
+# per weight position in registers, add each weight's product into it (one FMA) and reduce
+# across K once, after the loop. Integer codes become floats in one of three ways (INT_DECODE):
+#   0  a conversion from the loaded type (int8 -> float32 is the slow I2F path on sm_90);
+#   1  the exponent trick: a code OR'd (or added, for int8's offset) into the mantissa of the
+#      float 2^23 is exactly 2^23 + code, so an integer op and a float subtract replace the
+#      conversion (the trick fast int4 GEMV kernels use, here on float32);
+#   2  widen to int32, then convert (I2FP on sm_90).
+DECODES = {"cvt": 0, "magic": 1}
+
+
+@triton.jit
+def _nibble_float(word, nib, P: tl.constexpr):
+    """The 4-bit code at bits 4P..4P+3 of each int32 in ``word`` (P = 3 or 4), ORed in place into
+    the mantissa of 2^(23 - 4P): the bits read as the float 2^(23 - 4P) + code exactly (2048 +
+    code, 128 + code), with one AND-OR and no conversion. The caller takes the offset out of the
+    tile's sum once per word (``_packed_gemv1``). ``nib`` is 15 passed at run time: as a
+    compile-time constant, ptxas re-creates the shifted mask in a register before every AND-OR."""
+    return ((word & (nib << (4 * P))) | ((127 + 23 - 4 * P) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _packed_gemv1(
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, nib,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, NF4_SELECT: tl.constexpr, INT_DECODE: tl.constexpr,
+):
+    """One row x [K] against 4-bit codes [K/8, N] (int4 or nf4) into a zeroed float32 out [N]
+    (split-K partial sums added atomically). A tile is [BLOCK_K/8, BLOCK_N] int32 words; code j
+    of each word (k = 8 * row + j) is taken out by a static loop over j, so every weight stays in
+    the register where its word was loaded. ``nib``: 15 (see ``_nibble_float``)."""
+    R: tl.constexpr = BLOCK_K // 8  # word rows per tile
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    k_start, k_per_split = _split_range(K, BLOCK_K, SPLIT_K)
+    for kk in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + kk
+        rows = k0 // 8 + tl.arange(0, R)
+        rmask = rows < K // 8
+        m2 = rmask[:, None] & mask_n[None, :]
+        q = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=m2, other=0)  # [R, BN]
+        if BLOCK_K <= GROUP:  # the whole tile in one group: one scale (and zero) per column
+            gmask = mask_n & ((offs_n * 0 + k0) < K)
+            sc = tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=gmask, other=0.0).to(tl.float32)[None, :]
+            if FMT == 1:
+                zp = tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=gmask, other=0.0).to(tl.float32)[None, :]
+        else:  # several groups: each word row's own (repeated addresses, served by L1)
+            g2 = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]
+            sc = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
+            if FMT == 1:
+                zp = tl.load(z_ptr + g2, mask=m2, other=0.0).to(tl.float32)
+        t = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        xo = tl.zeros((R,), dtype=tl.float32)  # x summed over a word's odd codes
+        xe = tl.zeros((R,), dtype=tl.float32)  # and over its even codes
+        if FMT == 1 and INT_DECODE == 1:
+            # each code at bits 12-15 (P = 3: odd codes) or 16-19 (P = 4: even codes) of one of
+            # five words: 0 of q << 16, 1-2 of q << 8, 3-4 of q, 5-6 of q >> 8, 7 of q >> 16
+            words = (q << 16, q << 8, q << 8, q, q, q >> 8, q >> 8, q >> 16)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + rows * 8 + j, mask=rmask, other=0.0).to(tl.float32)  # [R]
+            if FMT == 1:
+                if INT_DECODE == 1:
+                    w = _nibble_float(words[j], nib, 3 + (j + 1) % 2)  # 2048 or 128 + code
+                else:
+                    w = ((q >> (4 * j)) & 0xF).to(tl.float32)
+                if j % 2 == 1:
+                    xo += xj
+                else:
+                    xe += xj
+            elif NF4_SELECT:
+                w = _nf4_select((q >> (4 * j)) & 0xF)
+            else:
+                w = tl.load(lut_ptr + ((q >> (4 * j)) & 0xF))
+            t += w * xj[:, None]
+        if FMT == 1:  # sum_k (q - z) s x = s (sum_k q x - z sum_k x), per word row
+            if INT_DECODE == 1:  # and the codes' offsets: 2048 on odd codes, 128 on even ones
+                acc += sc * (t - (zp + 2048.0) * xo[:, None] - (zp + 128.0) * xe[:, None])
+            else:
+                acc += sc * (t - zp * (xo + xe)[:, None])
+        else:
+            acc += sc * t
+    out = tl.sum(acc, axis=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, out, mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, out, mask=mask_n)
+
+
+@triton.jit
+def _rowmajor_gemv1(
+    x_ptr, w_ptr, s_ptr, out_ptr, N, K,
+    FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_DECODE: tl.constexpr,
+):
+    """One row x [K] against row-major per-channel weights w [N, K] (int8, fp8, FMT_DENSE) into
+    out [N] in out's dtype: a [BLOCK_N, BLOCK_K] float32 partial sum in registers, reduced along
+    K after the loop, then the per-channel scale."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0 if FMT == 3 or FMT == 5 else 0)  # [BN, BK]
+        if FMT == 0 and INT_DECODE == 1:  # int8 q + 2^23 + 128 is 2^23's bits with q + 128 in the mantissa
+            wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            wf = w.to(tl.float32)
+        # x as a [1, BLOCK_K] tile, so it takes the weights' layout (a 1-D load would be
+        # converted through shared memory, with barriers, every iteration)
+        x = tl.load(x_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+        acc += wf * x
+    out = tl.sum(acc, axis=1)
+    if FMT == 0 or FMT == 3:  # per-channel scale after the sum
+        out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+# Tiles of the one-row kernels. Packed: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps), 64-128 codes per
+# thread per iteration. Row-major: (BLOCK_N, BLOCK_K, num_warps), no split-K, so at most 32 rows
+# per program (N = 4096 gives 128 to 1,024 programs), BLOCK_N x BLOCK_K / (32 num_warps) partial
+# sums per thread. None spills registers for sm_90 (tests/test_quant_kernels.py).
+ONE_ROW_TILES = {
+    "packed": [(64, 256, 4, 4), (128, 256, 2, 8), (32, 512, 4, 4), (64, 128, 8, 4), (128, 128, 4, 4),
+               (256, 64, 4, 8), (32, 256, 8, 4), (64, 512, 2, 8)],
+    "rowmajor": [(16, 512, 4), (8, 1024, 4), (16, 256, 4), (8, 512, 4), (32, 256, 4), (4, 1024, 4),
+                 (32, 128, 8), (16, 128, 2)],
+}
+
+
+_packed_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["packed"]),
+                                       key=["N", "K", "FMT", "GROUP", "NF4_SELECT", "INT_DECODE"],
+                                       reset_to_zero=["out_ptr"])(_packed_gemv1)
+_rowmajor_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["rowmajor"]),
+                                         key=["N", "K", "FMT", "INT_DECODE"])(_rowmajor_gemv1)
+
 # One autotuner per kernel for one row and one for 2..GEMV_MAX_ROWS (BLOCK_M is in the key, so
 # each row count keeps its own choice).
 _GEMV_KEY = ["N", "K", "FMT", "GROUP", "BLOCK_M"]
@@ -307,10 +476,11 @@ _rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv
                                              key=_GEMV_KEY)(_rowmajor_gemv)
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-         fmt: int, group: int) -> torch.Tensor:
+         fmt: int, group: int, one_row: str | None = None, int_decode: str | None = None) -> torch.Tensor:
     """x [..., K] holding at most GEMV_MAX_ROWS rows, against any weight-only format
     (``FMT_*``); int4/nf4 codes [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and
-    zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read."""
+    zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read.
+    ``one_row``/``int_decode`` override LLMOPT_GEMV_ONE_ROW/LLMOPT_INT_DECODE (benchmarks)."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
@@ -319,6 +489,19 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
         x2 = x2.contiguous()
     m = x2.shape[0]
     block_m = triton.next_power_of_2(m)
+    deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
+    if m == 1 and deferred and fmt != FMT_INT8G:
+        dec = DECODES[int_decode or INT_DECODE]
+        if packed:
+            out = torch.zeros((n,), device=x.device, dtype=torch.float32)
+            _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+                x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
+                NF4_SELECT=NF4_DECODE == "select", INT_DECODE=dec)
+            return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        out = torch.empty((n,), device=x.device, dtype=x.dtype)
+        _rowmajor_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x2, w, s, out, n, k, FMT=fmt, INT_DECODE=dec)
+        return out.reshape(*x.shape[:-1], n)
     if not packed:  # one kernel, storing x's dtype
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         kern = _rowmajor_gemv_kernel if m == 1 else _rowmajor_gemv_rows_kernel
