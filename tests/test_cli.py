@@ -133,14 +133,17 @@ def test_debug_shows_traceback() -> None:
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_bad_weight_kernel_choice_is_one_line() -> None:
-    """LLMOPT_WO_KERNEL is read once at import: a bad value is one clear line and exit 2."""
+@pytest.mark.parametrize("name", ["LLMOPT_WO_KERNEL", "LLMOPT_GEMV_ONE_ROW", "LLMOPT_INT_DECODE",
+                                  "LLMOPT_NF4_DECODE"])
+def test_bad_weight_kernel_choice_is_one_line(name: str) -> None:
+    """The decode-kernel settings are read once at import, on any machine: a bad value is one
+    clear line and exit 2 (not an error inside a compiled forward on the GPU)."""
     import os
 
     proc = subprocess.run([sys.executable, "-m", "llmopt.cli.main", "bench", "--model", "preset:tiny",
                            "--quant", "int8", "--new-tokens", "2"],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LLMOPT_WO_KERNEL": "bogus"})
+                          env={**os.environ, name: "bogus"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "LLMOPT_WO_KERNEL" in lines[0] and "bogus" in lines[0]
+    assert name in lines[0] and "bogus" in lines[0]

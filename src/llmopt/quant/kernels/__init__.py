@@ -42,6 +42,25 @@ AUTO_ONE_ROW = frozenset({"int4", "int8", "int8g", "nf4", "fp8"})
 GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) take
 
 
+def env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """An environment setting with a fixed set of values; a bad one is a UserError naming it."""
+    value = os.environ.get(name, default)
+    if value not in allowed:
+        from llmopt.errors import UserError
+
+        raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+# Settings of the Triton decode kernels (``triton_wo.py``), checked here at import so that a bad
+# value is caught on any machine before a model runs, not inside a compiled forward on the GPU:
+# the one-row kernel (``triton_wo.ONE_ROW``), how it turns integer codes into floats
+# (``triton_wo.DECODES``), and how NF4 codes become levels (``triton_wo.NF4_DECODE``).
+ONE_ROW = env_choice("LLMOPT_GEMV_ONE_ROW", "deferred", ("deferred", "reduce"))
+INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", ("magic", "cvt"))
+NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "lut", ("lut", "select"))
+
+
 def gpu_kernel_choice() -> str:
     """``LLMOPT_WO_KERNEL`` picks the CUDA decode path, so the benchmark can choose by measurement:
     ``auto`` (default) is the measured-best path per format: int4 through torch's CUDA int4 GEMM
@@ -53,12 +72,7 @@ def gpu_kernel_choice() -> str:
     large tiles along K, each weight tile decoded once for all rows; not measured above one row)
     and everything else to ``triton``; ``torch`` the plain-PyTorch path, which torch.compile
     fuses (dequantise inside inductor's GEMV)."""
-    choice = os.environ.get("LLMOPT_WO_KERNEL", "auto")
-    if choice not in KERNEL_CHOICES:
-        from llmopt.errors import UserError
-
-        raise UserError(f"LLMOPT_WO_KERNEL must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
-    return choice
+    return env_choice("LLMOPT_WO_KERNEL", "auto", KERNEL_CHOICES)
 
 
 def gemv_rows(choice: str, fmt: str) -> int:

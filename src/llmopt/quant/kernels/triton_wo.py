@@ -20,29 +20,23 @@ References: ``reference.py`` (the plain-PyTorch paths); tests: tests/test_quant_
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from llmopt.quant.kernels import GEMV_MAX_ROWS
+from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, ONE_ROW
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
-# How the one-row kernel turns NF4 codes into levels: "lut" (default, measured: 94.8 tok/s at 7B)
-# loads each weight's level from the 16-entry codebook in memory, a gather of up to 16 addresses
-# per warp for every weight; "select" picks it in registers by a tree of 15 selects on the code's
-# four bits (``_nf4_select``), no memory traffic (not yet measured on a GPU); single rows only,
-# since with 8 rows' accumulators live the select tree spills registers on sm_90. Read at import.
-NF4_DECODES = ("lut", "select")
-NF4_DECODE = os.environ.get("LLMOPT_NF4_DECODE", "lut")
-if NF4_DECODE not in NF4_DECODES:
-    from llmopt.errors import UserError
-
-    raise UserError(f"LLMOPT_NF4_DECODE must be one of {', '.join(NF4_DECODES)}, got {NF4_DECODE!r}")
+# How the one-row kernels turn NF4 codes into levels: "lut" (default) loads each weight's level
+# from the 16-entry codebook in memory, a gather of up to 16 addresses per warp for every weight;
+# "select" picks it in registers by a tree of 15 selects on the code's four bits (``_nf4_select``), no memory traffic, but about 10 selects per weight in SASS
+# (measured slower in the deferred kernel: 112.8 against 135.0 tok/s at 7B); single rows only,
+# since with 8 rows' accumulators live the select tree spills registers on sm_90. NF4_DECODE
+# (LLMOPT_NF4_DECODE) is read and checked at import in ``quant/kernels/__init__.py``.
 
 
 # Which kernels take a single quantised row (batch-1 decode): "deferred" (default) the one-row
@@ -53,16 +47,8 @@ if NF4_DECODE not in NF4_DECODES:
 # nf4 135.0 against 99.8. Unquantised rows (``--dense-gemv``) stay on the few-row kernel unless
 # ``gemv(one_row="deferred")`` asks. LLMOPT_INT_DECODE: how the deferred kernels turn integer
 # codes into floats ("magic", default: the exponent trick, see DECODES; int8 292.3 tok/s;
-# "cvt": a conversion instruction, 204.8). Both read at import.
-ONE_ROW_KERNELS = ("reduce", "deferred")
-ONE_ROW = os.environ.get("LLMOPT_GEMV_ONE_ROW", "deferred")
-INT_DECODE = os.environ.get("LLMOPT_INT_DECODE", "magic")
-for _name, _value, _allowed in (("LLMOPT_GEMV_ONE_ROW", ONE_ROW, ONE_ROW_KERNELS),
-                                ("LLMOPT_INT_DECODE", INT_DECODE, ("cvt", "magic"))):
-    if _value not in _allowed:
-        from llmopt.errors import UserError
-
-        raise UserError(f"{_name} must be one of {', '.join(_allowed)}, got {_value!r}")
+# "cvt": a conversion instruction, 204.8). Both are read and checked at import in
+# ``quant/kernels/__init__.py`` (ONE_ROW, INT_DECODE).
 
 
 def _configs() -> list[triton.Config]:
