@@ -10,7 +10,8 @@
 # Usage (device tool, kind nvidia-h200-x2): bash bench/device/tp.sh        (about 7-8 minutes)
 #   TP_PLAN=regional bash bench/device/tp.sh: GPU tests, then decode with --mode regional instead
 #   (TEST_S=0: no tests; TP_MODELS="preset:llama-2-13b": those models only; TP_ALLREDUCE=symm-one-shot;
-#   LLMOPT_COORDINATE_DESCENT=0: no coordinate-descent tuning, so fewer timing-based kernel choices per rank)
+#   LLMOPT_COORDINATE_DESCENT=0: no coordinate-descent tuning; TORCHINDUCTOR_DETERMINISTIC=1: no
+#   timing-based kernel choices at all, so both ranks compile the same configs)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
