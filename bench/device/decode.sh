@@ -84,6 +84,10 @@ for r in "$@"; do
             timeout ${RUN_S:-420} ${PY:-python3} -m llmopt.cli.main quantize --model preset:llama-2-7b \
                 --method ${r%_7b} --group-size 128 --out /tmp/q7b --json "$OUT/$r.json" 2>&1 \
                 | grep -v -e Warning -e "quantising" | tail -3 | tee -a "$OUT/log.txt"; rm -rf /tmp/q7b ;;
+        # the TP benchmark's TP=1 decode of the same model on the same GPU (same Generator): run
+        # next to l2-7b_b1 to tell machine variance from a setup difference (docs/benchmarks.md)
+        tpbench_tp1) timeout ${RUN_S:-420} python3 -m llmopt.parallel.tpbench decode --tp 1 --model preset:llama-2-7b \
+                --mode regional --out "$OUT/tpbench_tp1.json" 2>&1 | tail -2 | tee -a "$OUT/log.txt" ;;
         l3-8b_b1) run $name --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;
         *) echo "unknown run $r" ;;
     esac
