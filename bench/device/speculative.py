@@ -307,6 +307,10 @@ def run_acceptance(args: argparse.Namespace) -> int:
     if args.compile:
         plain_gen.generate(prompts[:1], params)
         gen.generate(prompts[:1], params)
+        # and a 2-token run, whose one step has no room to draft: it captures the one-token
+        # verify width, which the first prompt may never reach (one such capture fell inside
+        # the timed prompts of the eighth session's fixed-k run)
+        gen.generate(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
     before = _compile_counts(plain_gen, gen, drafter)
     agg = {"steps": 0, "draft_steps": 0, "drafted": 0, "accepted": 0}
     by_pos_d = [0] * args.k
