@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # test modules imp
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, gate/up, down
 
 
-def _time_us(fns, iters: int = 200) -> float:
+def _time_us(fns: list, iters: int = 200) -> float:
     """Microseconds per call of the callables in ``fns`` (one per copy of the weights), replayed
     from a CUDA graph (launch overhead out, as in decode) that calls them in turn: with enough
     copies (``--rotate-mb``) each call reads its weights from memory, not from the 50 MB L2
     cache a single repeated weight would sit in."""
-    fns = fns if isinstance(fns, list) else [fns]
     for fn in fns * 2:
         fn()
     torch.cuda.synchronize()
@@ -55,16 +54,6 @@ def _copies(args: tuple, nbytes: int, rotate_mb: float) -> list[tuple]:
     """``args`` and enough clones of its tensors that all together exceed ``rotate_mb``."""
     count = max(1, int(rotate_mb * 1e6 // max(nbytes, 1)) + 1) if rotate_mb > 0 else 1
     return [args] + [tuple(a.clone() if torch.is_tensor(a) else a for a in args) for _ in range(count - 1)]
-
-
-def _nf4_select_call(x: torch.Tensor, gargs: tuple) -> torch.Tensor:
-    from llmopt.quant.kernels import triton_wo as T
-
-    saved, T.NF4_DECODE = T.NF4_DECODE, "select"
-    try:
-        return T.gemv(x, *gargs, one_row="deferred")
-    finally:
-        T.NF4_DECODE = saved
 
 
 def _tinygemm(x: torch.Tensor, fargs: tuple, n: int, k: int):
@@ -134,7 +123,8 @@ def main() -> int:
                         cands[f"gemv1-{dec}"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="deferred",
                                                          int_decode=dec) for c in copies]
                 if m == 1 and fmt == "nf4":  # NF4 levels by selects (LLMOPT_NF4_DECODE=select)
-                    cands["gemv1-select"] = [partial(_nf4_select_call, x, _gemv_args(fmt, c)) for c in copies]
+                    cands["gemv1-select"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="deferred",
+                                                     nf4_decode="select") for c in copies]
                 if fmt == "int4":
                     tg = [_tinygemm(x, c, n, k) for c in copies]
                     cands["tinygemm"] = None if tg[0] is None else tg

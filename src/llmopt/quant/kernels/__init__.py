@@ -52,12 +52,26 @@ def env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-# Settings of the Triton decode kernels (``triton_wo.py``), checked here at import so that a bad
-# value is caught on any machine before a model runs, not inside a compiled forward on the GPU:
-# the one-row kernel (``triton_wo.ONE_ROW``), how it turns integer codes into floats
-# (``triton_wo.DECODES``), and how NF4 codes become levels (``triton_wo.NF4_DECODE``).
+# Settings of the Triton decode kernels (``triton_wo.py``), read and checked here at import so that
+# a bad value is caught on any machine before a model runs, not inside a compiled forward on the
+# GPU. Measured in the whole 7B model on an H200 (bench/results/decode/h200x2_s8_*):
+# - LLMOPT_GEMV_ONE_ROW, which kernels take a single quantised row: "deferred" (default) the
+#   one-row kernels ``_packed_gemv1`` and ``_rowmajor_gemv1``, which keep per-position partial
+#   sums and reduce once (every format but int8-gN, which stays on the few-row kernel); "reduce"
+#   the few-row kernels, which sum each tile as they go. int8 292.3 tok/s against 284.6, fp8
+#   298.6 against 251.8, nf4 135.0 against 99.8. Unquantised rows (``--dense-gemv``) stay on the
+#   few-row kernel unless ``gemv(one_row="deferred")`` asks.
+# - LLMOPT_INT_DECODE, how the deferred kernels turn integer codes into floats: "magic" (default)
+#   the exponent trick (``triton_wo._nibble_float``), int8 292.3 tok/s; "cvt" a conversion
+#   instruction, 204.8. The values are the kernels' INT_DECODE constants.
+# - LLMOPT_NF4_DECODE, how NF4 codes become levels: "lut" (default) loads each weight's level from
+#   the 16-entry codebook, a gather of up to 16 addresses per warp for every weight; "select"
+#   picks it in registers by a tree of 15 selects on the code's four bits (``_nf4_select``), no
+#   memory traffic but about 10 selects per weight in SASS: 112.8 against 135.0 tok/s in the
+#   deferred kernel. Single rows only: with 8 rows' accumulators live the tree spills on sm_90.
+INT_DECODES = {"cvt": 0, "magic": 1}
 ONE_ROW = env_choice("LLMOPT_GEMV_ONE_ROW", "deferred", ("deferred", "reduce"))
-INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", ("magic", "cvt"))
+INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", tuple(INT_DECODES))
 NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "lut", ("lut", "select"))
 
 
@@ -66,7 +80,8 @@ def gpu_kernel_choice() -> str:
     ``auto`` (default) is the measured-best path per format: int4 through torch's CUDA int4 GEMM
     (``torch._weight_int4pack_mm``, "tinygemm", the kernel gpt-fast uses; weights repacked at load
     by ``Int4Linear.prepare_for_device``), the other formats (and int4 shapes tinygemm does not
-    take) through the one-row Triton kernels at batch 1 and the tiled Triton kernel at 2-16 rows. ``tinygemm`` is int4 through tinygemm and every other format through the tiled
+    take) through the one-row Triton kernels at batch 1 and the tiled Triton kernel at 2-16
+    rows. ``tinygemm`` is int4 through tinygemm and every other format through the tiled
     Triton kernel; ``triton`` sends every format to the tiled kernels in ``triton_wo.py``;
     ``triton-gemv`` every format at 1 to 8 rows to ``triton_wo.gemv`` (no padded tl.dot rows,
     large tiles along K, each weight tile decoded once for all rows; not measured above one row)

@@ -26,29 +26,14 @@ import triton
 import triton.language as tl
 
 from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, ONE_ROW
+from llmopt.quant.kernels import INT_DECODES as DECODES
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
-# How the one-row kernels turn NF4 codes into levels: "lut" (default) loads each weight's level
-# from the 16-entry codebook in memory, a gather of up to 16 addresses per warp for every weight;
-# "select" picks it in registers by a tree of 15 selects on the code's four bits (``_nf4_select``), no memory traffic, but about 10 selects per weight in SASS
-# (measured slower in the deferred kernel: 112.8 against 135.0 tok/s at 7B); single rows only,
-# since with 8 rows' accumulators live the select tree spills registers on sm_90. NF4_DECODE
-# (LLMOPT_NF4_DECODE) is read and checked at import in ``quant/kernels/__init__.py``.
-
-
-# Which kernels take a single quantised row (batch-1 decode): "deferred" (default) the one-row
-# kernels ``_packed_gemv1`` and ``_rowmajor_gemv1``, which keep per-position partial sums and
-# reduce once (every format but int8-gN, which stays on the few-row kernel); "reduce" the few-row
-# kernels below, which sum each tile as they go. Measured in the whole 7B model on an H200
-# (bench/results/decode/h200x2_s8_*): int8 292.3 tok/s against 284.6, fp8 298.6 against 251.8,
-# nf4 135.0 against 99.8. Unquantised rows (``--dense-gemv``) stay on the few-row kernel unless
-# ``gemv(one_row="deferred")`` asks. LLMOPT_INT_DECODE: how the deferred kernels turn integer
-# codes into floats ("magic", default: the exponent trick, see DECODES; int8 292.3 tok/s;
-# "cvt": a conversion instruction, 204.8). Both are read and checked at import in
-# ``quant/kernels/__init__.py`` (ONE_ROW, INT_DECODE).
+# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES) and
+# LLMOPT_NF4_DECODE (NF4_DECODE) are read, checked and explained in ``quant/kernels/__init__.py``.
 
 
 def _configs() -> list[triton.Config]:
@@ -319,7 +304,6 @@ def _rowmajor_gemv(
 #   1  the exponent trick: a code placed (ORed, or for int8 added with its offset) into the
 #      mantissa of a power of two reads as that power plus the code, so integer ops replace the
 #      conversion and the offset comes out of the sum (``_nibble_float``; int8 subtracts it).
-DECODES = {"cvt": 0, "magic": 1}
 
 
 @triton.jit
@@ -462,11 +446,13 @@ _rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv
                                              key=_GEMV_KEY)(_rowmajor_gemv)
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-         fmt: int, group: int, one_row: str | None = None, int_decode: str | None = None) -> torch.Tensor:
+         fmt: int, group: int, one_row: str | None = None, int_decode: str | None = None,
+         nf4_decode: str | None = None) -> torch.Tensor:
     """x [..., K] holding at most GEMV_MAX_ROWS rows, against any weight-only format
     (``FMT_*``); int4/nf4 codes [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and
     zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read.
-    ``one_row``/``int_decode`` override LLMOPT_GEMV_ONE_ROW/LLMOPT_INT_DECODE (benchmarks)."""
+    ``one_row``/``int_decode``/``nf4_decode`` override LLMOPT_GEMV_ONE_ROW/LLMOPT_INT_DECODE/
+    LLMOPT_NF4_DECODE (benchmarks)."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
@@ -475,6 +461,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
         x2 = x2.contiguous()
     m = x2.shape[0]
     block_m = triton.next_power_of_2(m)
+    select = (nf4_decode or NF4_DECODE) == "select"
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
@@ -482,7 +469,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
             out = torch.zeros((n,), device=x.device, dtype=torch.float32)
             _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
                 x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
-                NF4_SELECT=NF4_DECODE == "select", INT_DECODE=dec)
+                NF4_SELECT=select, INT_DECODE=dec)
             return out.to(x.dtype).reshape(*x.shape[:-1], n)
         out = torch.empty((n,), device=x.device, dtype=x.dtype)
         _rowmajor_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
@@ -500,7 +487,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     kern = _packed_gemv_kernel if m == 1 else _packed_gemv_rows_kernel
     kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x2, w, s, z, lut, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m,
-        NF4_SELECT=NF4_DECODE == "select" and m == 1)  # at 8 rows the selects spill (sm_90)
+        NF4_SELECT=select and m == 1)  # at 8 rows the selects spill (sm_90)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
