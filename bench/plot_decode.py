@@ -43,6 +43,9 @@ def _label(r: dict) -> str:
     mode = {"regional": "regional", "reduce-overhead": "whole"}.get(r.get("compile_mode"), r.get("compile_mode"))
     extra = f", ctx {cfg['prompt_len']}" if cfg.get("prompt_len", 5) > 5 else ""
     extra += ", fused" if r.get("fuse_projections") else ""
+    st = r.get("inductor_settings")  # recorded since the ninth session: PDL, wider autotuning
+    if st:
+        extra += ", " + ("+".join(k for k, key in (("PDL", "pdl"), ("apw", "autotune_pointwise")) if st[key]) or "no PDL/apw")
     return f"{model} {quant}, b{cfg.get('batch_size', 1)}{extra}, {mode}, {gpu}"
 
 

@@ -159,3 +159,71 @@ def test_regional_compile_cpu_decode_equals_eager(tmp_path, monkeypatch) -> None
         o.token_ids for o in Generator(model, None, torch.device("cpu")).generate(longer, params)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert model.model.layers[0]._compiled_call_impl is None  # compiled only inside the step
+
+
+def test_pdl_setting_follows_the_model_and_the_environment(monkeypatch) -> None:
+    """LLMOPT_PDL ``auto`` turns programmatic dependent launch on for a model whose linears are
+    all inductor's to generate, off once weight-only quantised linears (kernels inductor does
+    not generate) are in it; "1"/"0" force it; a bad value is a UserError naming the setting.
+    Per-compile options keep what the compile mode sets."""
+    import torch._inductor.config as inductor_config
+
+    from llmopt.engine.compile import inductor_options, use_pdl
+    from llmopt.quant import quantize_
+
+    monkeypatch.delenv("LLMOPT_PDL", raising=False)
+    model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=3)
+    assert use_pdl(model)
+    quantize_(model, "int8")
+    assert not use_pdl(model)
+    monkeypatch.setenv("LLMOPT_PDL", "1")
+    assert use_pdl(model)
+    monkeypatch.setenv("LLMOPT_PDL", "0")
+    assert not use_pdl(random_model(preset_config("tiny"), torch.device("cpu"), torch.float32))
+    opts = inductor_options(model, "reduce-overhead")
+    assert opts["triton.cudagraphs"] is True
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        assert opts["triton.enable_pdl"] is False
+    monkeypatch.setenv("LLMOPT_PDL", "bogus")
+    with pytest.raises(UserError, match="LLMOPT_PDL"):
+        use_pdl(model)
+
+
+def test_pdl_setting_reaches_each_compile(tmp_path, monkeypatch) -> None:
+    """The per-model setting is a per-compile option: inside inductor's compile of each model's
+    layer, ``triton.enable_pdl`` reads what ``use_pdl`` chose for that model, unquantised and
+    quantised alike in one process (CPU codegen ignores it; the GPU codegen reads the same
+    config)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from llmopt.engine.compile import CompiledLayers
+    from llmopt.quant import quantize_
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch has no triton.enable_pdl")
+    seen: list[bool] = []
+
+    class Probe(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            seen.append(inductor_config.triton.enable_pdl)
+
+        def uuid(self) -> None:
+            return None  # no caching of graphs compiled with it
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLMOPT_PDL", raising=False)
+    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", Probe())
+    before = inductor_config.triton.enable_pdl
+    for quant, expected in ((None, True), ("int8", False)):
+        torch._dynamo.reset()
+        model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=1)
+        if quant:
+            quantize_(model, quant)
+        model.setup_caches(1, 64)
+        with torch.no_grad():
+            CompiledLayers(model).wrap(model)(torch.tensor([[1, 2, 3]]))
+        assert seen and set(seen) == {expected}, (quant, seen)
+        seen.clear()
+        assert inductor_config.triton.enable_pdl == before  # an option of that compile only

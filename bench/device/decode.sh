@@ -19,7 +19,8 @@ run() {  # name, args...  (output streams into log.txt, so a run cut short still
         limit=$((DEADLINE_S - (SECONDS - T0)))
     fi
     echo "=== $name: llmopt bench $* (limit ${limit} s)" | tee -a "$OUT/log.txt"
-    timeout "$limit" $B "$@" $EXTRA --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
+    local prof=""; [ "${PROFILE:-0}" = 1 ] && prof="--profile $OUT/prof/$name"
+    LLMOPT_CACHE=$LLMOPT_CACHE${SUF:-} timeout "$limit" $B "$@" $EXTRA $prof --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
     echo "    rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
     EST=$((SECONDS - t0 + 15))
 }
@@ -28,6 +29,17 @@ EST=${EST_S:-90}  # how long the next run is expected to take: the last run's ti
 for r in "$@"; do
     EXTRA="" name=$r
     case $r in *+regional) r=${r%+regional} name=${r%+regional}_regional EXTRA="--compile-mode regional" ;; esac
+    # RUN@K: the same run compiled from scratch into its own cache (-cK), named RUN_cK: repeats
+    # show how much the timed autotuning moves the result from one compile to the next
+    SUF=""; case $r in *@*) SUF=-c${r##*@} name=${name%@*}_c${r##*@} r=${r%@*} ;; esac
+    # RUN%V: the same run with the generated-kernel settings of engine/compile.py (each on by
+    # default) changed, in its own cache: V = nopdl (LLMOPT_PDL=0), noapw
+    # (LLMOPT_AUTOTUNE_POINTWISE=0) or neither; named RUN_V
+    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE
+    case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
+        case $v in nopdl) export LLMOPT_PDL=0 ;; noapw) export LLMOPT_AUTOTUNE_POINTWISE=0 ;;
+            neither) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0 ;; *) echo "unknown variant $v"; continue ;; esac ;;
+    esac
     # DEADLINE_S: skip runs that would not finish inside the device call
     if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + EST)) -gt "$DEADLINE_S" ]; then
         echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue
@@ -40,6 +52,8 @@ for r in "$@"; do
         l2-7b_b1_gemv) run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ctx4000_gemv) run $name $L7 --dense-gemv --prompt-len 3896 --new-tokens 200 --runs 3 ;;
         l2-7b_b1_fused) run $name $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        # the generated Triton code of every compiled graph so far (default cache), as one archive
+        inductor_code) find /tmp/llmopt-cache* -name "*.py" -size +1k 2>/dev/null | xargs grep -l "triton_red_fused" 2>/dev/null | tar cf "$OUT/inductor_code.tar" -T - 2>/dev/null; echo "inductor_code: $(tar tf "$OUT/inductor_code.tar" 2>/dev/null | wc -l) files" | tee -a "$OUT/log.txt" ;;
         l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ttft1024) run $name $L7 --compile-prefill --prompt-len 1024 --new-tokens 16 --runs 5 ;;
         l2-7b_ctx4000) run $name $L7 --prompt-len 3896 --new-tokens 200 --runs 3 ;;  # 4,096-token context: ~4,000 cached
@@ -92,6 +106,10 @@ for r in "$@"; do
         *) echo "unknown run $r" ;;
     esac
 done
+for f in "$OUT"/prof/*/top_kernels.txt; do  # PROFILE=1: each run's top kernels into the log
+    [ -f "$f" ] && { echo "=== top kernels: $(basename "$(dirname "$f")")"; head -14 "$f" | cut -c1-57,128-242; } >> "$OUT/log.txt"
+done
+rm -rf "$OUT/prof"
 [ -f "$OUT/profile/top_kernels.txt" ] && cat "$OUT/profile/top_kernels.txt" >> "$OUT/log.txt" && head -30 "$OUT/profile/top_kernels.txt" | cut -c1-160
 rm -rf "$OUT/profile"
 python3 - "$OUT" <<'PY'

@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
         out["command"] = "llmopt " + " ".join(sys.argv[1:])
         # switches that change what runs (kernel choice, tuning) belong with the number
         out["env"] = {k: v for k, v in sorted(os.environ.items())
-                      if k.startswith("LLMOPT_") and k != "LLMOPT_CACHE"}
+                      if k.startswith(("LLMOPT_", "TORCHINDUCTOR_")) and k != "LLMOPT_CACHE"}
+        if args.compile and lm.device.type == "cuda":
+            from llmopt.engine.compile import inductor_settings
+
+            out["inductor_settings"] = inductor_settings(lm.model)
         if args.dense_gemv:
             out["dense_gemv_modules"] = swapped
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day

@@ -48,8 +48,21 @@ def configure_inductor() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
     import torch._inductor.config as inductor_config
 
+    from llmopt.errors import env_choice
+
+    # Generated-kernel settings, each "1" (default) or "0", measured on an H200 (7B bf16, batch 1,
+    # regional compile; bench/results/decode/h200_s9_*):
+    # - LLMOPT_COORDINATE_DESCENT: inductor tunes each kernel's block sizes by timing neighbours of
+    #   its heuristic config (``coordinate_descent_tuning``).
+    # - LLMOPT_AUTOTUNE_POINTWISE: the wider search over reduction and pointwise configs
+    #   (``max_autotune_pointwise``), which is where every batch-1 matmul lands: 242.7 tok/s
+    #   against 221.2 (one compile each), for a longer cold compile; about neutral next to the
+    #   weight-only kernels (int8 286.5 against 283.8, int4-g128 334.1 against 335.4).
+    # (LLMOPT_PDL is per compiled model: ``inductor_options``.)
+    on = ("1", "0")
     inductor_config.fx_graph_cache = True
-    inductor_config.coordinate_descent_tuning = os.environ.get("LLMOPT_COORDINATE_DESCENT", "1") == "1"
+    inductor_config.coordinate_descent_tuning = env_choice("LLMOPT_COORDINATE_DESCENT", "1", on) == "1"
+    inductor_config.max_autotune_pointwise = env_choice("LLMOPT_AUTOTUNE_POINTWISE", "1", on) == "1"
     inductor_config.triton.unique_kernel_names = True
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
@@ -57,8 +70,61 @@ def configure_inductor() -> None:
     log.info("inductor cache at %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
+def _has_opaque_kernels(model: Any) -> bool:
+    """Whether ``model``'s linears run kernels inductor does not generate: the weight-only
+    quantised formats and ``--dense-gemv``'s one-row kernel."""
+    from llmopt.models.gemv_linear import GemvLinear
+    from llmopt.quant.linear import QuantLinear
+
+    return any(isinstance(m, (QuantLinear, GemvLinear)) for m in model.modules())
+
+
+def use_pdl(model: Any) -> bool:
+    """LLMOPT_PDL: programmatic dependent launch for the kernels inductor generates (Hopper and
+    later; ``triton.enable_pdl``). Each is launched while the kernel before it still runs and waits
+    on the device (``gdc_wait``) only before reading what came before, so the launch and ramp-up of
+    the next batch-1 matmul hide behind the drain of the last. Measured on one H200 (7B, batch 1,
+    regional; bench/results/decode/h200_s9b_*): bf16 with PDL and LLMOPT_AUTOTUNE_POINTWISE,
+    234.8-254.7 tok/s over four compiles (median 241.2), against 216.3-231.4 over three (median
+    227.0) with neither. Next to kernels inductor does not generate, which are not PDL launches,
+    it lost: int4-g128 325.3 against 334.1, int8 279.6 against 286.5. So ``auto`` (default) turns
+    it on only for models without them; "1" and "0" force it."""
+    from llmopt.errors import env_choice
+
+    choice = env_choice("LLMOPT_PDL", "auto", ("auto", "1", "0"))
+    if model is None:
+        return choice == "1"
+    return choice == "1" or (choice == "auto" and not _has_opaque_kernels(model))
+
+
+def inductor_options(model: Any, mode: str | None = None) -> dict[str, Any]:
+    """Per-compile inductor settings (``torch.compile(options=...)``): those of ``mode`` (which
+    ``options`` replaces) plus programmatic dependent launch where ``use_pdl(model)``. On torch
+    builds without ``triton.enable_pdl`` the setting is left out."""
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    opts = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        opts["triton.enable_pdl"] = use_pdl(model)
+    return opts
+
+
+def inductor_settings(model: Any) -> dict[str, bool]:
+    """The generated-kernel settings a compile of ``model`` runs with, for benchmark records."""
+    import torch._inductor.config as inductor_config
+
+    configure_inductor()
+    return {
+        "pdl": hasattr(inductor_config.triton, "enable_pdl") and use_pdl(model),
+        "autotune_pointwise": bool(inductor_config.max_autotune_pointwise),
+        "coordinate_descent": bool(inductor_config.coordinate_descent_tuning),
+    }
+
+
 def compile_fn(
     fn: Callable[..., Any], mode: str = "reduce-overhead", dynamic: bool = False, device: Any = None,
+    model: Any = None,
 ) -> Callable[..., Any]:
     """torch.compile with llmopt's settings. On a CPU ``device`` the mode (CUDA graphs, GPU
     autotuning) has no meaning; inductor's freezing is used instead: weights become constants
@@ -81,7 +147,8 @@ def compile_fn(
         return torch.compile(fn, fullgraph=True, dynamic=dynamic)
     if mode in ("auto", "regional"):  # callers that compile a whole function
         mode = "reduce-overhead"
-    return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=True, dynamic=dynamic)
+    # ``model``: what ``fn`` runs, for the per-model settings of ``inductor_options``
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=inductor_options(model, mode))
 
 
 class CompiledLayers:
@@ -106,7 +173,8 @@ class CompiledLayers:
         inductor_config.freezing = False
         self.layers = list(model.model.layers)
         # What nn.Module.compile installs, kept aside until active() puts it in place.
-        self._fns = [torch.compile(layer._call_impl, fullgraph=True) for layer in self.layers]
+        opts = inductor_options(model)
+        self._fns = [torch.compile(layer._call_impl, fullgraph=True, options=opts) for layer in self.layers]
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -132,7 +200,7 @@ def compile_step(fn: Callable[..., Any], model: Any, mode: str, device: Any) -> 
     cache; other modes: ``compile_fn``. Callers mark a step's start
     (``torch.compiler.cudagraph_mark_step_begin``) for the reduce-overhead graphs."""
     if mode != "regional":
-        return compile_fn(fn, mode)
+        return compile_fn(fn, mode, model=model)
     step = CompiledLayers(model).wrap(fn)
     import torch
 

@@ -82,11 +82,11 @@ class Generator:
                 if compile_prefill:
                     self._prefill_fn = CompiledLayers(model).wrap(model)
             else:
-                self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device)
+                self._decode_graph = compile_fn(self._decode_static, compile_mode, device=device, model=model)
                 if compile_prefill:
                     # One graph for every prompt length (dynamic shapes); no CUDA graph, since the
                     # work per launch is large at prefill and lengths vary; no autotuning.
-                    self._prefill_fn = compile_fn(model, "default", dynamic=True, device=device)
+                    self._prefill_fn = compile_fn(model, "default", dynamic=True, device=device, model=model)
 
     def _decode_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # tokens, positions: [B, 1]; reads the whole static cache (the backend limits by length)

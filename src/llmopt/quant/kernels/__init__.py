@@ -22,10 +22,10 @@ Triton is imported only when a CUDA tensor reaches a Triton path, so the CPU pat
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from llmopt.errors import env_choice
 from llmopt.quant.kernels import reference as ref
 
 SMALL_M = 16
@@ -40,16 +40,6 @@ KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv")
 # take 284.5 against 150.3 (where tinygemm fits it stays faster: 337.4 at int4-g128).
 AUTO_ONE_ROW = frozenset({"int4", "int8", "int8g", "nf4", "fp8"})
 GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) take
-
-
-def env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
-    """An environment setting with a fixed set of values; a bad one is a UserError naming it."""
-    value = os.environ.get(name, default)
-    if value not in allowed:
-        from llmopt.errors import UserError
-
-        raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
 
 
 # Settings of the Triton decode kernels (``triton_wo.py``), read and checked here at import so that
