@@ -125,6 +125,51 @@ def test_fused_projections_match_unfused() -> None:
     assert (got - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4-g32", "nf4", "fp8"])
+def test_fused_quantised_projections_match_unfused(spec: str) -> None:
+    """Weight-only quantised q/k/v and gate/up join into one module each (codes, scales and
+    zeros concatenated; the same kernels on the same codes): the logits match the unfused
+    quantised model, at one row (decode kernels) and at many (prefill)."""
+    from llmopt.models.fusion import fuse_projections
+    from llmopt.quant import quantize_
+
+    cfg = preset_config("tiny").replace(qkv_bias=True)
+    model = quantize_(random_model(cfg, torch.device("cpu"), torch.float32, seed=11), spec)
+    ids = torch.randint(0, 512, (2, 17))
+    with torch.no_grad():
+        ref, ref1 = model(ids), model(ids[:1, :1])
+        assert fuse_projections(model) == 2 * cfg.num_layers
+        got, got1 = model(ids), model(ids[:1, :1])
+    attn = model.model.layers[0].self_attn
+    assert type(attn.qkv_proj).__name__.endswith("Linear") and attn.qkv_proj is not None
+    assert not hasattr(attn, "q_proj") and attn.qkv_proj.out_features == cfg.hidden_size + 2 * cfg.num_kv_heads * cfg.head_dim
+    for a, b in ((got, ref), (got1, ref1)):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+def test_quantised_projections_that_cannot_join_stay_apart() -> None:
+    """Double-quantised NF4 (absmax blocks across output features) and mixed formats are left
+    unfused, and the model still computes the same logits."""
+    from llmopt.models.fusion import fuse_projections
+    from llmopt.quant import quantize_
+    from llmopt.quant.nf4 import NF4Config
+
+    cfg = preset_config("tiny")
+    model = quantize_(random_model(cfg, torch.device("cpu"), torch.float32, seed=5),
+                      NF4Config(double_quant=True))
+    mixed = quantize_(random_model(cfg, torch.device("cpu"), torch.float32, seed=5), "int8")
+    for layer in mixed.model.layers:  # k in bf16, q and v int8: q/k/v stay apart
+        layer.self_attn.k_proj = torch.nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        ref, ref_mixed = model(ids), mixed(ids)
+        assert fuse_projections(model) == 0
+        assert fuse_projections(mixed) == cfg.num_layers  # gate/up only
+        assert torch.equal(model(ids), ref)
+        assert (mixed(ids) - ref_mixed).abs().max().item() <= 1e-5 * ref_mixed.abs().max().item()
+    assert mixed.model.layers[0].self_attn.qkv_proj is None
+
+
 def test_compiled_cpu_decode_equals_eager(tiny, tmp_path, monkeypatch) -> None:
     """--compile on CPU (inductor with frozen, prepacked weights) decodes the same tokens as
     the eager path, batched and with prompts of different lengths."""
@@ -194,12 +239,8 @@ def test_pdl_setting_reaches_each_compile(tmp_path, monkeypatch) -> None:
     layer, ``triton.enable_pdl`` reads what ``use_pdl`` chose for that model, unquantised and
     quantised alike in one process (CPU codegen ignores it; the GPU codegen reads the same
     config)."""
-    import torch._dynamo
     import torch._inductor.config as inductor_config
     from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    from llmopt.engine.compile import CompiledLayers
-    from llmopt.quant import quantize_
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
         pytest.skip("this torch has no triton.enable_pdl")
@@ -214,8 +255,19 @@ def test_pdl_setting_reaches_each_compile(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
     monkeypatch.delenv("LLMOPT_PDL", raising=False)
-    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", Probe())
     before = inductor_config.triton.enable_pdl
+    with inductor_config.patch(post_grad_custom_post_pass=Probe()):
+        _compile_each(seen, before)
+
+
+def _compile_each(seen: list[bool], before: bool) -> None:
+    """Compile one layer of an unquantised, then an int8, tiny model; ``seen`` gets each compile's PDL."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from llmopt.engine.compile import CompiledLayers
+    from llmopt.quant import quantize_
+
     for quant, expected in ((None, True), ("int8", False)):
         torch._dynamo.reset()
         model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=1)

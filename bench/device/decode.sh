@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3 on the GPU: gpu tests, then `llmopt bench` on random-weight presets. Results in $OUT.
 # Usage (device tool): bash bench/device/decode.sh RUN [RUN ...]   (RUN names below; "tests" runs pytest)
-# RUN+regional: the same run with --compile-mode regional (its JSON is RUN_regional.json)
+# RUN+regional: the same run with --compile-mode regional (its JSON is RUN_regional.json);
+# RUN+fused, RUN%V, RUN@K: see the loop below; together in the order RUN[+regional][+fused][%V][@K]
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
@@ -28,7 +29,6 @@ T0=$SECONDS
 EST=${EST_S:-90}  # how long the next run is expected to take: the last run's time; at first EST_S (a 7B bench run takes 45-60 s)
 for r in "$@"; do
     EXTRA="" name=$r
-    case $r in *+regional) r=${r%+regional} name=${r%+regional}_regional EXTRA="--compile-mode regional" ;; esac
     # RUN@K: the same run compiled from scratch into its own cache (-cK), named RUN_cK: repeats
     # show how much the timed autotuning moves the result from one compile to the next
     SUF=""; case $r in *@*) SUF=-c${r##*@} name=${name%@*}_c${r##*@} r=${r%@*} ;; esac
@@ -40,6 +40,9 @@ for r in "$@"; do
         case $v in nopdl) export LLMOPT_PDL=0 ;; noapw) export LLMOPT_AUTOTUNE_POINTWISE=0 ;;
             neither) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0 ;; *) echo "unknown variant $v"; continue ;; esac ;;
     esac
+    case $r in *+regional) r=${r%+regional} name=${name/+regional/_regional} EXTRA="--compile-mode regional" ;; esac
+    # RUN+fused: with --fuse-projections (q/k/v and gate/up joined; quantised ones too)
+    case $r in *+fused) r=${r%+fused} name=${name/+fused/_fused} EXTRA="$EXTRA --fuse-projections" ;; esac
     # DEADLINE_S: skip runs that would not finish inside the device call
     if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + EST)) -gt "$DEADLINE_S" ]; then
         echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue

@@ -2,7 +2,10 @@
 gate/up into another. At batch 1 every matmul is a separate weight-streaming kernel with its own
 ramp-up and tail, so fewer, larger ones get closer to the memory bandwidth.
 
-Only plain ``nn.Linear`` modules are fused; quantised or sharded modules are left as they are.
+Plain ``nn.Linear`` modules are fused by concatenating weights; weight-only quantised ones of
+one format and settings by concatenating their codes, scales and zeros
+(``QuantLinear.cat_outputs``), which runs the same kernels on the same codes, one launch instead
+of three or two. Sharded modules, and quantised ones that cannot be joined, are left as they are.
 The fused model keeps its config; checkpoints are always written unfused.
 """
 
@@ -22,19 +25,32 @@ def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _cat(parts: list[nn.Module | None]) -> nn.Module | None:
+    """One module for ``parts`` (same input, outputs side by side), or None if they cannot be."""
+    from llmopt.quant.linear import QuantLinear
+
+    if all(type(m) is nn.Linear for m in parts):
+        return _cat_linear(parts)  # type: ignore[arg-type]
+    if all(isinstance(m, QuantLinear) for m in parts):
+        return QuantLinear.cat_outputs(parts)  # type: ignore[arg-type]
+    return None
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse in place; returns how many groups were fused."""
     n = 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-        if attn.qkv_proj is None and all(type(m) is nn.Linear for m in qkv):
-            attn.qkv_proj = _cat_linear(qkv)  # type: ignore[arg-type]
-            del attn.q_proj, attn.k_proj, attn.v_proj
-            n += 1
-        gu = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")]
-        if mlp.gate_up_proj is None and all(type(m) is nn.Linear for m in gu):
-            mlp.gate_up_proj = _cat_linear(gu)  # type: ignore[arg-type]
-            del mlp.gate_proj, mlp.up_proj
-            n += 1
+        if attn.qkv_proj is None:
+            fused = _cat([getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")])
+            if fused is not None:
+                attn.qkv_proj = fused
+                del attn.q_proj, attn.k_proj, attn.v_proj
+                n += 1
+        if mlp.gate_up_proj is None:
+            fused = _cat([getattr(mlp, name, None) for name in ("gate_proj", "up_proj")])
+            if fused is not None:
+                mlp.gate_up_proj = fused
+                del mlp.gate_proj, mlp.up_proj
+                n += 1
     return n

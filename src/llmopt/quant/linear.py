@@ -53,6 +53,49 @@ class QuantLinear(nn.Module):
             assert self.bias is not None
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    # -- joining modules that read the same input (``models.fusion``) --------------------------
+    # Buffers every part must hold equal and the joined module shares (a codebook), and buffers
+    # derived from the others that ``prepare_for_device`` rebuilds (a repacked copy).
+    SHARED: tuple[str, ...] = ()
+    DERIVED: tuple[str, ...] = ()
+
+    def out_dims(self) -> dict[str, int] | None:
+        """For each buffer that has one entry per output feature, the dimension those entries
+        run along; ``None`` where outputs cannot be joined."""
+        return None
+
+    def join_key(self) -> tuple[object, ...]:
+        """Settings that must agree for two modules' outputs to be joined."""
+        return (type(self), self.in_features, self.bias is not None)
+
+    @staticmethod
+    def cat_outputs(parts: list[QuantLinear]) -> QuantLinear | None:
+        """One module computing ``torch.cat([p(x) for p in parts], -1)`` with the same kernels
+        on the same codes: the per-output buffers concatenated, ``None`` if the parts differ in
+        format or settings or a part cannot be joined (act-order int4, double-quantised NF4).
+        Exact, since every output feature keeps its own codes, scales and zeros."""
+        first = parts[0]
+        dims = first.out_dims()
+        if dims is None or any(p.join_key() != first.join_key() or p.out_dims() != dims for p in parts):
+            return None
+        if any(not torch.equal(p._buffers[n], first._buffers[n]) for p in parts[1:] for n in first.SHARED):
+            return None
+        fused = type(first).__new__(type(first))
+        fused.__dict__ = {k: v for k, v in first.__dict__.items() if not k.startswith("_cpu_pack")}
+        fused._parameters = dict(first._parameters)
+        fused._buffers = dict(first._buffers)
+        fused._non_persistent_buffers_set = set(first._non_persistent_buffers_set)
+        fused._modules = {}
+        for name, dim in dims.items():
+            fused._buffers[name] = torch.cat([p._buffers[name] for p in parts], dim=dim)
+        for name in first.DERIVED:
+            fused._buffers[name] = None
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.prepare_for_device()
+        return fused
+
 
 class Int8Linear(QuantLinear):
     """int8 codes ``qweight`` [N, K], in one of two forms:
@@ -76,6 +119,14 @@ class Int8Linear(QuantLinear):
         else:
             self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
             self.register_buffer("zeros", None)
+
+    def out_dims(self) -> dict[str, int]:
+        if self.group_size:
+            return {"qweight": 0, "scales": 1, "zeros": 1}
+        return {"qweight": 0, "scales": 0}
+
+    def join_key(self) -> tuple[object, ...]:
+        return super().join_key() + (self.group_size,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size:
@@ -137,6 +188,15 @@ class Int4Linear(QuantLinear):
             m.perm = perm.to(torch.int32)
         m._set_bias(bias)
         return m
+
+    DERIVED = ("tg_weight", "tg_scales_zeros")
+
+    def out_dims(self) -> dict[str, int] | None:
+        # act-order parts each gather x in their own order
+        return None if self.perm is not None else {"qweight": 1, "scales": 1, "zeros": 1}
+
+    def join_key(self) -> tuple[object, ...]:
+        return super().join_key() + (self.group_size, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -246,6 +306,15 @@ class NF4Linear(QuantLinear):
         if q is not None and self.codebook.device != q.device:
             self.codebook = nf4_codebook().to(q.device)
 
+    SHARED = ("codebook",)
+
+    def out_dims(self) -> dict[str, int] | None:
+        # double quantisation's absmax blocks run across output features: not joined
+        return None if self.double_quant else {"qweight": 1, "absmax": 1}
+
+    def join_key(self) -> tuple[object, ...]:
+        return super().join_key() + (self.block_size,)
+
     def current_absmax(self) -> torch.Tensor:
         if not self.double_quant:
             return self.absmax
@@ -275,6 +344,12 @@ class FP8Linear(QuantLinear):
         self.mode = mode
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def out_dims(self) -> dict[str, int]:
+        return {"qweight": 0, "scales": 0}
+
+    def join_key(self) -> tuple[object, ...]:
+        return super().join_key() + (self.mode,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.fp8_linear(x, self.qweight, self.scales, self.bias, self.mode)
