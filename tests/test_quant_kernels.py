@@ -144,6 +144,37 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], mo
             y = triton_wo.gemv(x, *_gemv_args(fmt, args), **kw)
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2, (m, kw)
+            if kw.get("one_row") == "deferred" and fmt != "int8g":
+                # as a programmatic dependent launch (LLMOPT_GEMV_PDL): the same tile, the same sums
+                assert torch.equal(triton_wo.gemv(x, *_gemv_args(fmt, args), **kw, pdl=True), y), kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["int8", "nf4", "fp8"])
+def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monkeypatch) -> None:
+    """LLMOPT_GEMV_PDL: the one-row kernels as PDL launches inside the regionally compiled,
+    CUDA-graph-captured step (an opaque op, next to inductor's own PDL kernels) give the tokens
+    of the eager model."""
+    from llmopt.engine.generate import Generator
+    from llmopt.loading.loader import random_model
+    from llmopt.loading.presets import preset_config
+    from llmopt.quant import quantize_
+    from llmopt.quant.kernels import triton_wo
+    from llmopt.sampling import SamplingParams
+
+    cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
+    model = random_model(cfg, torch.device("cuda"), torch.bfloat16, seed=5)
+    model.lm_head.weight.mul_(40.0)
+    quantize_(model, spec)
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    dev = torch.device("cuda")
+    ref = Generator(model, None, dev).generate([[5, 6, 7, 8]], params)[0].token_ids
+    model.clear_caches()
+    monkeypatch.setattr(triton_wo, "GEMV_PDL", True)
+    monkeypatch.setenv("LLMOPT_PDL", "1")
+    gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
+    assert gen.generate([[5, 6, 7, 8]], params)[0].token_ids == ref
+    assert gen.generate([[5, 6, 7, 8]], params)[0].token_ids == ref  # replayed
 
 
 @pytest.mark.gpu
@@ -383,21 +414,26 @@ for block_m in (1, 8):
 # the one-row deferred-sum kernels, both integer decodes (nf4: codebook and selects), compiled as
 # a launch on the model shapes specialises them: N, K and the pointers multiples of 16 (without
 # that, the widest tiles spill a few bytes)
-one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C}
-for cfg in T._tile_configs(T.ONE_ROW_TILES["packed"]):
+# (LLMOPT_GEMV_PDL: the first tile of each format also as a programmatic dependent launch)
+one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C, "PDL": C}
+for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
     for fmt, grp, sel in ((T.FMT_INT4, 32, False), (T.FMT_INT4, 128, False), (T.FMT_NF4, 64, False), (T.FMT_NF4, 64, True)):
         for dec in T.DECODES.values():
-            sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
-                   "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_SELECT": C}
-            cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_SELECT": sel, "INT_DECODE": dec,
-                                                        **cfg.kwargs}, cfg.num_warps))
-for cfg in T._tile_configs(T.ONE_ROW_TILES["rowmajor"]):
+            for pdl in (False, True) if i == 0 and dec == 1 else (False,):
+                sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
+                       "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_SELECT": C}
+                cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_SELECT": sel,
+                                                            "INT_DECODE": dec, "PDL": pdl, **cfg.kwargs}, cfg.num_warps))
+for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
     for fmt, wt in ((T.FMT_INT8, "*i8"), (T.FMT_FP8, "*fp8e4nv"), (T.FMT_DENSE, "*bf16")):
         for dec in T.DECODES.values():
-            sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "out_ptr": "*bf16", **one}
-            cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, **cfg.kwargs}, cfg.num_warps))
+            for pdl in (False, True) if i == 0 and dec == 1 else (False,):
+                sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "out_ptr": "*bf16", **one}
+                cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, "PDL": pdl, **cfg.kwargs},
+                              cfg.num_warps))
 HINTED = {id(T._packed_gemv1_kernel), id(T._rowmajor_gemv1_kernel)}
 spilled = []
+pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
 for kern, sig, consts, warps in cases:
     attrs = ({(kern.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
               if t != C and a not in ("M", "nib")} if id(kern) in HINTED else None)
@@ -405,12 +441,16 @@ for kern, sig, consts, warps in cases:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
+    if "PDL" in consts:
+        ptx = k.asm["ptx"]
+        pdl_marks.append((consts["PDL"], "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx))
     r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
     m = re.search(r"(\d+) bytes spill stores", r.stderr)
     if r.returncode != 0 or (m and int(m.group(1)) > 0):
         spilled.append((kern.fn.__name__, consts, r.stderr[-300:]))
 print(len(cases), "compiled;", spilled)
 assert not spilled, spilled
+assert sum(p for p, _ in pdl_marks) == 7 and all(p == marked for p, marked in pdl_marks), pdl_marks
 '''
 
 

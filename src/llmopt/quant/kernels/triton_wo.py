@@ -25,15 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, ONE_ROW
+from llmopt.quant.kernels import GEMV_MAX_ROWS, GEMV_PDL, INT_DECODE, NF4_DECODE, ONE_ROW
 from llmopt.quant.kernels import INT_DECODES as DECODES
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
-# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES) and
-# LLMOPT_NF4_DECODE (NF4_DECODE) are read, checked and explained in ``quant/kernels/__init__.py``.
+# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES),
+# LLMOPT_NF4_DECODE (NF4_DECODE) and LLMOPT_GEMV_PDL (GEMV_PDL) are read, checked and explained
+# in ``quant/kernels/__init__.py``.
 
 
 def _configs() -> list[triton.Config]:
@@ -320,13 +321,15 @@ def _nibble_float(word, nib, P: tl.constexpr):
 def _packed_gemv1(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, nib,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, NF4_SELECT: tl.constexpr, INT_DECODE: tl.constexpr,
+    SPLIT_K: tl.constexpr, NF4_SELECT: tl.constexpr, INT_DECODE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One row x [K] against 4-bit codes [K/8, N] (int4 or nf4) into a zeroed float32 out [N]
     (split-K partial sums added atomically). A tile is [BLOCK_K/8, BLOCK_N] int32 words; code j
     of each word (k = 8 * row + j) is taken out by a static loop over j, so every weight stays in
     the register where its word was loaded. ``nib``: 15 (see ``_nibble_float``)."""
     R: tl.constexpr = BLOCK_K // 8  # word rows per tile
+    if PDL:  # a programmatic dependent launch: the kernel before may still be running
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -378,6 +381,8 @@ def _packed_gemv1(
                 acc += sc * (t - zp * (xo + xe)[:, None])
         else:
             acc += sc * t
+    if PDL:  # the next kernel may launch (and wait on the device for this one to finish)
+        tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=0)
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, out, mask=mask_n)
@@ -389,10 +394,13 @@ def _packed_gemv1(
 def _rowmajor_gemv1(
     x_ptr, w_ptr, s_ptr, out_ptr, N, K,
     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_DECODE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One row x [K] against row-major per-channel weights w [N, K] (int8, fp8, FMT_DENSE) into
     out [N] in out's dtype: a [BLOCK_N, BLOCK_K] float32 partial sum in registers, reduced along
-    K after the loop, then the per-channel scale."""
+    K after the loop, then the per-channel scale. ``PDL``: as in ``_packed_gemv1``."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -410,6 +418,8 @@ def _rowmajor_gemv1(
         # converted through shared memory, with barriers, every iteration)
         x = tl.load(x_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
         acc += wf * x
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=1)
     if FMT == 0 or FMT == 3:  # per-channel scale after the sum
         out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -445,14 +455,48 @@ _rowmajor_gemv_kernel = triton.autotune(configs=_rowmajor_gemv_configs(), key=_G
 _rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv_configs(), 8),
                                              key=_GEMV_KEY)(_rowmajor_gemv)
 
+def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
+           fmt: int, group: int, select: bool, dec: int, pdl: bool) -> torch.Tensor:
+    """One row x2 [1, K] through the deferred-sum kernels; out [N] in x2's dtype."""
+    k = x2.shape[-1]
+    launch = {"launch_pdl": True} if pdl else {}  # not passed otherwise: dynamo traces the plain call
+    if fmt in (FMT_INT4, FMT_NF4):
+        n = w.shape[1]
+        out = torch.zeros((n,), device=x2.device, dtype=torch.float32)
+        _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+            x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
+            NF4_SELECT=select, INT_DECODE=dec, PDL=pdl, **launch)
+        return out.to(x2.dtype)
+    n = w.shape[0]
+    out = torch.empty((n,), device=x2.device, dtype=x2.dtype)
+    _rowmajor_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x2, w, s, out, n, k, FMT=fmt, INT_DECODE=dec, PDL=pdl, **launch)
+    return out
+
+
+@torch.library.custom_op("llmopt::gemv1", mutates_args=())
+def gemv1_pdl_op(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
+                 fmt: int, group: int, select: bool, dec: int) -> torch.Tensor:
+    """The one-row kernels as programmatic dependent launches, opaque to torch.compile so that
+    Triton's launcher (which takes ``launch_pdl``) starts them rather than inductor's."""
+    return _gemv1(x2, w, s, z, lut, fmt, group, select, dec, True)
+
+
+@gemv1_pdl_op.register_fake
+def _(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
+      fmt: int, group: int, select: bool, dec: int) -> torch.Tensor:
+    n = w.shape[1] if fmt in (FMT_INT4, FMT_NF4) else w.shape[0]
+    return x2.new_empty((n,))
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
          fmt: int, group: int, one_row: str | None = None, int_decode: str | None = None,
-         nf4_decode: str | None = None) -> torch.Tensor:
+         nf4_decode: str | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x [..., K] holding at most GEMV_MAX_ROWS rows, against any weight-only format
     (``FMT_*``); int4/nf4 codes [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and
     zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read.
-    ``one_row``/``int_decode``/``nf4_decode`` override LLMOPT_GEMV_ONE_ROW/LLMOPT_INT_DECODE/
-    LLMOPT_NF4_DECODE (benchmarks)."""
+    ``one_row``/``int_decode``/``nf4_decode``/``pdl`` override LLMOPT_GEMV_ONE_ROW/
+    LLMOPT_INT_DECODE/LLMOPT_NF4_DECODE/LLMOPT_GEMV_PDL (benchmarks, tests)."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
@@ -465,15 +509,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
-        if packed:
-            out = torch.zeros((n,), device=x.device, dtype=torch.float32)
-            _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-                x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
-                NF4_SELECT=select, INT_DECODE=dec)
-            return out.to(x.dtype).reshape(*x.shape[:-1], n)
-        out = torch.empty((n,), device=x.device, dtype=x.dtype)
-        _rowmajor_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x2, w, s, out, n, k, FMT=fmt, INT_DECODE=dec)
+        if GEMV_PDL if pdl is None else pdl:
+            out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, select, dec)
+        else:
+            out = _gemv1(x2, w, s, z, lut, fmt, group, select, dec, False)
         return out.reshape(*x.shape[:-1], n)
     if not packed:  # one kernel, storing x's dtype
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
