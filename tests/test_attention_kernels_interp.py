@@ -47,3 +47,39 @@ assert all(e < 1e-4 for e in worst.values()), worst
 
 def test_attention_kernels_under_the_interpreter(tmp_path: Path) -> None:
     run_triton_script(_SCRIPT, tmp_path, interpret=True)
+
+
+_PDL_COMPILE_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llmopt.kernels import decode_attention as A
+
+C = "constexpr"
+split_sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Lengths": "*i32", "O_part": "*fp32", "LSE_part": "*fp32",
+             **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "ob", "oh", "os",
+                                                "lb", "lh")},
+             "num_kv_heads": "i32", "scale": "fp32", "window": "i32", "GROUP": C, "BLOCK_G": C, "HEAD_DIM": C,
+             "BLOCK_D": C, "BLOCK_N": C, "NUM_SPLITS": C, "PRECISION": C, "PDL": C}
+combine_sig = {"O_part": "*fp32", "LSE_part": "*fp32", "Out": "*bf16",
+               **{f"stride_{n}": "i32" for n in ("ob", "oh", "os", "lb", "lh", "outb", "outh")},
+               "num_heads": "i32", "HEAD_DIM": C, "BLOCK_D": C, "NUM_SPLITS": C, "BLOCK_S": C, "PDL": C}
+marks = {}
+for pdl in (False, True):
+    for kern, sig, consts in (
+            (A._split_kernel, split_sig, {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_D": 128,
+                                          "BLOCK_N": 64, "NUM_SPLITS": 8, "PRECISION": "tf32", "PDL": pdl}),
+            (A._combine_kernel, combine_sig, {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 8, "BLOCK_S": 8,
+                                              "PDL": pdl})):
+        ptx = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts),
+                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        marks[(kern.__name__, pdl)] = ("griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx)
+print(marks)
+assert all(m == (pdl, pdl) for (_, pdl), m in marks.items()), marks
+'''
+
+
+def test_decode_attention_pdl_compiles_for_hopper(tmp_path: Path) -> None:
+    """LLMOPT_KERNEL_PDL: both decode-attention kernels compile for sm_90 (no GPU needed), and
+    their PTX waits on and releases the grid dependency exactly when PDL is on."""
+    run_triton_script(_PDL_COMPILE_SCRIPT, tmp_path, interpret=False)

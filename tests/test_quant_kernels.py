@@ -145,16 +145,17 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], mo
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2, (m, kw)
             if kw.get("one_row") == "deferred" and fmt != "int8g":
-                # as a programmatic dependent launch (LLMOPT_GEMV_PDL): the same tile, the same sums
+                # as a programmatic dependent launch (LLMOPT_KERNEL_PDL): the same tile, the same sums
                 assert torch.equal(triton_wo.gemv(x, *_gemv_args(fmt, args), **kw, pdl=True), y), kw
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["int8", "nf4", "fp8"])
 def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monkeypatch) -> None:
-    """LLMOPT_GEMV_PDL: the one-row kernels as PDL launches inside the regionally compiled,
-    CUDA-graph-captured step (an opaque op, next to inductor's own PDL kernels) give the tokens
-    of the eager model."""
+    """LLMOPT_KERNEL_PDL: the one-row kernels and the decode attention as PDL launches inside
+    the regionally compiled, CUDA-graph-captured step (opaque ops, next to inductor's own PDL
+    kernels) give the tokens of the eager model."""
+    import llmopt.kernels
     from llmopt.engine.generate import Generator
     from llmopt.loading.loader import random_model
     from llmopt.loading.presets import preset_config
@@ -165,12 +166,14 @@ def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monk
     cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
     model = random_model(cfg, torch.device("cuda"), torch.bfloat16, seed=5)
     model.lm_head.weight.mul_(40.0)
+    model.set_attention_backend("triton")
     quantize_(model, spec)
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     dev = torch.device("cuda")
     ref = Generator(model, None, dev).generate([[5, 6, 7, 8]], params)[0].token_ids
     model.clear_caches()
-    monkeypatch.setattr(triton_wo, "GEMV_PDL", True)
+    monkeypatch.setattr(triton_wo, "KERNEL_PDL", True)
+    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", True)
     monkeypatch.setenv("LLMOPT_PDL", "1")
     gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
     assert gen.generate([[5, 6, 7, 8]], params)[0].token_ids == ref
@@ -414,7 +417,7 @@ for block_m in (1, 8):
 # the one-row deferred-sum kernels, both integer decodes (nf4: codebook and selects), compiled as
 # a launch on the model shapes specialises them: N, K and the pointers multiples of 16 (without
 # that, the widest tiles spill a few bytes)
-# (LLMOPT_GEMV_PDL: the first tile of each format also as a programmatic dependent launch)
+# (LLMOPT_KERNEL_PDL: the first tile of each format also as a programmatic dependent launch)
 one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C, "PDL": C}
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
     for fmt, grp, sel in ((T.FMT_INT4, 32, False), (T.FMT_INT4, 128, False), (T.FMT_NF4, 64, False), (T.FMT_NF4, 64, True)):

@@ -88,16 +88,16 @@ def use_pdl(model: Any) -> bool:
     234.8-254.7 tok/s over four compiles (median 241.2), against 216.3-231.4 over three (median
     227.0) with neither. Next to kernels inductor does not generate, which are not PDL launches,
     it lost: int4-g128 325.3 against 334.1, int8 279.6 against 286.5. So ``auto`` (default) turns
-    it on only for models without them, or where LLMOPT_GEMV_PDL=1 makes llmopt's one-row kernels
+    it on only for models without them, or where LLMOPT_KERNEL_PDL=1 makes llmopt's own kernels
     PDL launches too (torch's int4 kernel, tinygemm, never is); "1" and "0" force it."""
     from llmopt.errors import env_choice
 
     choice = env_choice("LLMOPT_PDL", "auto", ("auto", "1", "0"))
     if choice != "auto" or model is None:
         return choice == "1"
-    from llmopt.quant.kernels import GEMV_PDL
+    from llmopt.kernels import KERNEL_PDL
 
-    return GEMV_PDL or not _has_opaque_kernels(model)
+    return KERNEL_PDL or not _has_opaque_kernels(model)
 
 
 def inductor_options(model: Any, mode: str | None = None) -> dict[str, Any]:

@@ -22,8 +22,10 @@ def _split_kernel(
     stride_lb, stride_lh,
     num_kv_heads, scale, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # a programmatic dependent launch (LLMOPT_KERNEL_PDL): wait for the kernel before
+        tl.extra.cuda.gdc_wait()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -63,6 +65,8 @@ def _split_kernel(
         v = tl.load(v_base + n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if PDL:  # the combine may launch now (it waits on the device for this kernel to finish)
+        tl.extra.cuda.gdc_launch_dependents()
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -79,7 +83,10 @@ def _combine_kernel(
     stride_outb, stride_outh,
     num_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     b = pid // num_heads
     h = pid % num_heads
@@ -92,6 +99,8 @@ def _combine_kernel(
     w = tl.where(s_mask & (lse > float("-inf")), tl.exp(lse - m), 0.0)  # [BLOCK_S]
     o = tl.load(O_part + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
 
@@ -112,11 +121,17 @@ def decode_attention(
     scale: float,
     window: int = 0,
     num_splits: int | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """q: [B, Hq, D]; k, v: [B, Hkv, S, D] (last dim contiguous); lengths: [B] keys to read.
 
     Returns [B, Hq, D]. Keys at positions >= lengths[b] (and < lengths[b] - window) are ignored.
+    ``pdl``: both launches programmatic dependent ones (default: LLMOPT_KERNEL_PDL).
     """
+    from llmopt.kernels import KERNEL_PDL
+
+    pdl = KERNEL_PDL if pdl is None else pdl
+    launch = {"PDL": True, "launch_pdl": True} if pdl else {}
     bsz, num_heads, head_dim = q.shape
     num_kv_heads, max_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -139,7 +154,7 @@ def decode_attention(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=64,
         NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
         # float32 caches get full-precision dots (Triton would use tf32 otherwise)
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,
     )
     _combine_kernel[(bsz * num_heads,)](
         o_part, lse_part, out,
@@ -148,7 +163,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         num_heads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **launch,
     )
     return out
 

@@ -26,6 +26,7 @@ import importlib.util
 import torch
 
 from llmopt.errors import env_choice
+from llmopt.kernels import KERNEL_PDL  # noqa: F401  (read and checked at import, as the settings below)
 from llmopt.quant.kernels import reference as ref
 
 SMALL_M = 16
@@ -59,15 +60,7 @@ GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) ta
 #   picks it in registers by a tree of 15 selects on the code's four bits (``_nf4_select``), no
 #   memory traffic but about 10 selects per weight in SASS: 112.8 against 135.0 tok/s in the
 #   deferred kernel. Single rows only: with 8 rows' accumulators live the tree spills on sm_90.
-# - LLMOPT_GEMV_PDL, "0" (default) or "1": launch the one-row kernels as programmatic dependent
-#   launches (Hopper and later), as inductor's own kernels are under LLMOPT_PDL
-#   (``engine.compile.use_pdl``). Each waits on the device for the kernel before it
-#   (``gdc_wait``) before reading anything, and lets the next one launch once its loop is done.
-#   Under torch.compile they then run as one opaque op (``llmopt::gemv1``), launched by Triton's
-#   own launcher, since inductor's launch of user-written kernels has no PDL option. Not yet
-#   measured, so off by default.
 INT_DECODES = {"cvt": 0, "magic": 1}
-GEMV_PDL = env_choice("LLMOPT_GEMV_PDL", "0", ("0", "1")) == "1"
 ONE_ROW = env_choice("LLMOPT_GEMV_ONE_ROW", "deferred", ("deferred", "reduce"))
 INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", tuple(INT_DECODES))
 NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "lut", ("lut", "select"))

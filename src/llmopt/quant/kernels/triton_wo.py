@@ -25,16 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.quant.kernels import GEMV_MAX_ROWS, GEMV_PDL, INT_DECODE, NF4_DECODE, ONE_ROW
+from llmopt.kernels import KERNEL_PDL
+from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, ONE_ROW
 from llmopt.quant.kernels import INT_DECODES as DECODES
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
-# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES),
-# LLMOPT_NF4_DECODE (NF4_DECODE) and LLMOPT_GEMV_PDL (GEMV_PDL) are read, checked and explained
-# in ``quant/kernels/__init__.py``.
+# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES) and
+# LLMOPT_NF4_DECODE (NF4_DECODE) are read, checked and explained in ``quant/kernels/__init__.py``,
+# LLMOPT_KERNEL_PDL (KERNEL_PDL) in ``llmopt/kernels/__init__.py``.
 
 
 def _configs() -> list[triton.Config]:
@@ -496,7 +497,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     (``FMT_*``); int4/nf4 codes [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and
     zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read.
     ``one_row``/``int_decode``/``nf4_decode``/``pdl`` override LLMOPT_GEMV_ONE_ROW/
-    LLMOPT_INT_DECODE/LLMOPT_NF4_DECODE/LLMOPT_GEMV_PDL (benchmarks, tests)."""
+    LLMOPT_INT_DECODE/LLMOPT_NF4_DECODE/LLMOPT_KERNEL_PDL (benchmarks, tests)."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
@@ -509,7 +510,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
-        if GEMV_PDL if pdl is None else pdl:
+        if KERNEL_PDL if pdl is None else pdl:
             out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, select, dec)
         else:
             out = _gemv1(x2, w, s, z, lut, fmt, group, select, dec, False)
