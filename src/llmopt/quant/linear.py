@@ -254,7 +254,9 @@ class Int4Linear(QuantLinear):
             k_pad = self.scales.shape[0] * self.group_size
             codes = F.pad(codes, (0, k_pad - self.in_features))
             w = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-            packed = (w, scales_zeros)
+            # in the compute dtype, so the forward casts nothing: inductor's CPU lowering of the
+            # int4 matmul takes no computed (unrealised) scales, as a cast would make them
+            packed = (w, scales_zeros.to(self.scales.dtype))
         self.__dict__["_cpu_pack_cache"] = (self.qweight, self.scales, packed)
         return packed
 
