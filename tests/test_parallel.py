@@ -112,15 +112,21 @@ def _worker(rank: int, port: int, out_dir: str, ckpt: str) -> None:
     tp = init_tp(WORLD, "cpu")
     res: dict[str, Any] = {}
 
-    def compare(name: str, model: torch.nn.Module, quant: str | None = None) -> None:
+    def compare(name: str, model: torch.nn.Module, quant: str | None = None, fuse: bool = False) -> None:
         if quant is not None:
             from llmopt.quant import quantize_
 
             quantize_(model, quant)
         ref = _run(model)
         shard_model(model, make_comm(tp))
+        fused = 0
+        if fuse:  # after sharding, as --fuse-projections does: each rank joins its own shards
+            from llmopt.models.fusion import fuse_projections
+
+            fused = fuse_projections(model)
         got = _run(model)
         res[name] = {
+            "fused": fused,
             "max_diff": (got - ref).abs().max().item(),
             "ref_max": ref.abs().max().item(),
             "shape": list(got.shape),
@@ -134,6 +140,9 @@ def _worker(rank: int, port: int, out_dir: str, ckpt: str) -> None:
         compare("int8", _build(preset_config("tiny")), "int8")
         compare("int4-g32", _build(preset_config("tiny")), "int4-g32")
         compare("int8-g32", _build(preset_config("tiny")), "int8-g32")
+        compare("int8-fused", _build(preset_config("tiny")), "int8", fuse=True)
+        # one KV head, replicated on both ranks: each rank's q/k/v shards still join
+        compare("int4-g32-fused", _build(preset_config("tiny").replace(num_kv_heads=1)), "int4-g32", fuse=True)
 
     # Sharded loading from a saved checkpoint: logits and bytes read.
     full = load_model(ckpt, device="cpu", dtype="float32")
@@ -203,13 +212,16 @@ def test_tp2_logits_equal_tp1(tp_results: list[dict[str, Any]], variant: str) ->
         assert r["kv_heads"] == expected_kv
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8-g32", "int4-g32"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-g32", "int4-g32", "int8-fused", "int4-g32-fused"])
 def test_tp2_quantised_logits_equal_tp1(tp_results: list[dict[str, Any]], scheme: str) -> None:
+    """Quantised models sharded over two ranks; ``-fused``: then q/k/v and gate/up joined on each
+    rank (``--fuse-projections``), every layer's groups."""
     if not _quant_available():
         pytest.skip("llmopt.quant is not importable")
     for res in tp_results:
         r = res[scheme]
         assert r["max_diff"] <= ATOL * max(1.0, r["ref_max"]), r
+        assert r["fused"] == (2 * preset_config("tiny").num_layers if scheme.endswith("-fused") else 0)
 
 
 def test_sharded_checkpoint_loading(tp_results: list[dict[str, Any]]) -> None:
