@@ -28,6 +28,19 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def sharp_int4_tiny(device: str | torch.device, dtype: torch.dtype, spec: str) -> Any:
+    """The tiny preset widened to shapes torch's int4 kernels take (256 wide, head dim 64), its
+    head sharpened so greedy choices sit far from ties, quantised with ``spec``."""
+    from llmopt.loading.loader import random_model
+    from llmopt.loading.presets import preset_config
+    from llmopt.quant import quantize_
+
+    cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
+    model = random_model(cfg, torch.device(device), dtype, seed=5)
+    model.lm_head.weight.mul_(40.0)
+    return quantize_(model, spec)
+
+
 def make_hf_model(variant: str, seed: int = 0) -> Any:
     import transformers
 

@@ -174,13 +174,9 @@ def test_fused_quantised_projections_decode_the_same(spec: str) -> None:
     """--fuse-projections on a quantised model on the GPU (the joined int4 module rebuilds its
     tinygemm copy): logits at one row match the unfused model, and compiled batch-1 greedy
     decode gives the unfused model's tokens."""
-    from llmopt.quant import quantize_
+    from tests.helpers import sharp_int4_tiny
 
-    # shapes torch's int4 kernel takes
-    cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
-    model = random_model(cfg, torch.device("cuda"), torch.bfloat16, seed=5)
-    model.lm_head.weight.mul_(40.0)
-    model = quantize_(model, spec)
+    model = sharp_int4_tiny("cuda", torch.bfloat16, spec)
     dev = torch.device("cuda")
     prompt = [[5, 6, 7, 8]]
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)

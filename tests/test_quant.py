@@ -360,14 +360,13 @@ def test_int4_bf16_regional_compile_on_cpu_decodes_like_eager(tmp_path: Path,
     """int4 in bfloat16 through ``--compile-mode regional`` on CPU: the layer graph lowers torch's
     CPU int4 matmul (its scales kept in the compute dtype, so nothing is cast inside the graph;
     a cast there failed inductor's lowering) and decodes the eager tokens."""
+    from tests.helpers import sharp_int4_tiny
+
     from llmopt.engine.generate import Generator
     from llmopt.sampling import SamplingParams
 
     monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
-    cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
-    model = random_model(cfg, CPU, torch.bfloat16, seed=5)
-    model.lm_head.weight.mul_(40.0)
-    quantize_(model, "int4-g32")
+    model = sharp_int4_tiny(CPU, torch.bfloat16, "int4-g32")
     params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     eager = Generator(model, None, CPU).generate([[5, 6, 7, 8]], params)
     gen = Generator(model, None, CPU, compile=True, compile_mode="regional", max_seq_len=64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import run_triton_script
+from tests.helpers import run_triton_script, sharp_int4_tiny
 
 from llmopt.quant import primitives as P
 from llmopt.quant.kernels import reference as ref
@@ -157,22 +157,14 @@ def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monk
     kernels) give the tokens of the eager model."""
     import llmopt.kernels
     from llmopt.engine.generate import Generator
-    from llmopt.loading.loader import random_model
-    from llmopt.loading.presets import preset_config
-    from llmopt.quant import quantize_
-    from llmopt.quant.kernels import triton_wo
     from llmopt.sampling import SamplingParams
 
-    cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
-    model = random_model(cfg, torch.device("cuda"), torch.bfloat16, seed=5)
-    model.lm_head.weight.mul_(40.0)
+    model = sharp_int4_tiny("cuda", torch.bfloat16, spec)
     model.set_attention_backend("triton")
-    quantize_(model, spec)
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     dev = torch.device("cuda")
     ref = Generator(model, None, dev).generate([[5, 6, 7, 8]], params)[0].token_ids
     model.clear_caches()
-    monkeypatch.setattr(triton_wo, "KERNEL_PDL", True)
     monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", True)
     monkeypatch.setenv("LLMOPT_PDL", "1")
     gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)

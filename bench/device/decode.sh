@@ -56,8 +56,6 @@ for r in "$@"; do
         l2-7b_b1_gemv) run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ctx4000_gemv) run $name $L7 --dense-gemv --prompt-len 3896 --new-tokens 200 --runs 3 ;;
         l2-7b_b1_fused) run $name $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
-        # the generated Triton code of every compiled graph so far (default cache), as one archive
-        inductor_code) find /tmp/llmopt-cache* -name "*.py" -size +1k 2>/dev/null | xargs grep -l "triton_red_fused" 2>/dev/null | tar cf "$OUT/inductor_code.tar" -T - 2>/dev/null; echo "inductor_code: $(tar tf "$OUT/inductor_code.tar" 2>/dev/null | wc -l) files" | tee -a "$OUT/log.txt" ;;
         l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ttft1024) run $name $L7 --compile-prefill --prompt-len 1024 --new-tokens 16 --runs 5 ;;
         l2-7b_ctx4000) run $name $L7 --prompt-len 3896 --new-tokens 200 --runs 3 ;;  # 4,096-token context: ~4,000 cached

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+import llmopt.kernels
+
 
 @triton.jit
 def _split_kernel(
@@ -128,9 +130,7 @@ def decode_attention(
     Returns [B, Hq, D]. Keys at positions >= lengths[b] (and < lengths[b] - window) are ignored.
     ``pdl``: both launches programmatic dependent ones (default: LLMOPT_KERNEL_PDL).
     """
-    from llmopt.kernels import KERNEL_PDL
-
-    pdl = KERNEL_PDL if pdl is None else pdl
+    pdl = llmopt.kernels.KERNEL_PDL if pdl is None else pdl
     launch = {"PDL": True, "launch_pdl": True} if pdl else {}
     bsz, num_heads, head_dim = q.shape
     num_kv_heads, max_len = k.shape[1], k.shape[2]

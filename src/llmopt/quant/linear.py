@@ -54,10 +54,9 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     # -- joining modules that read the same input (``models.fusion``) --------------------------
-    # Buffers every part must hold equal and the joined module shares (a codebook), and buffers
-    # derived from the others that ``prepare_for_device`` rebuilds (a repacked copy).
+    # Buffers every part must hold equal and the joined module shares (a codebook). Buffers
+    # derived from the others (a repacked copy) are rebuilt by ``prepare_for_device``.
     SHARED: tuple[str, ...] = ()
-    DERIVED: tuple[str, ...] = ()
 
     def out_dims(self) -> dict[str, int] | None:
         """For each buffer that has one entry per output feature, the dimension those entries
@@ -88,8 +87,6 @@ class QuantLinear(nn.Module):
         fused._modules = {}
         for name, dim in dims.items():
             fused._buffers[name] = torch.cat([p._buffers[name] for p in parts], dim=dim)
-        for name in first.DERIVED:
-            fused._buffers[name] = None
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
         fused.out_features = sum(p.out_features for p in parts)
@@ -188,8 +185,6 @@ class Int4Linear(QuantLinear):
             m.perm = perm.to(torch.int32)
         m._set_bias(bias)
         return m
-
-    DERIVED = ("tg_weight", "tg_scales_zeros")
 
     def out_dims(self) -> dict[str, int] | None:
         # act-order parts each gather x in their own order

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.kernels import KERNEL_PDL
+import llmopt.kernels
 from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, ONE_ROW
 from llmopt.quant.kernels import INT_DECODES as DECODES
 from llmopt.quant.primitives import nf4_codebook
@@ -35,7 +35,7 @@ FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no s
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
 # LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES) and
 # LLMOPT_NF4_DECODE (NF4_DECODE) are read, checked and explained in ``quant/kernels/__init__.py``,
-# LLMOPT_KERNEL_PDL (KERNEL_PDL) in ``llmopt/kernels/__init__.py``.
+# LLMOPT_KERNEL_PDL (``llmopt.kernels.KERNEL_PDL``, read at each call) in ``llmopt/kernels/__init__.py``.
 
 
 def _configs() -> list[triton.Config]:
@@ -510,7 +510,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
-        if KERNEL_PDL if pdl is None else pdl:
+        if llmopt.kernels.KERNEL_PDL if pdl is None else pdl:
             out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, select, dec)
         else:
             out = _gemv1(x2, w, s, z, lut, fmt, group, select, dec, False)
