@@ -147,3 +147,17 @@ def test_bad_weight_kernel_choice_is_one_line(name: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert name in lines[0] and "bogus" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["LLMOPT_PDL", "LLMOPT_AUTOTUNE_POINTWISE", "LLMOPT_COORDINATE_DESCENT"])
+def test_bad_compile_setting_is_one_line(name: str) -> None:
+    """The generated-kernel settings are checked when a compile starts, on any device (LLMOPT_PDL
+    is otherwise read only for GPU compiles): a bad value is one line and exit 2."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "llmopt.cli.main", "bench", "--model", "preset:tiny",
+                           "--compile", "--new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, name: "bogus"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert name in lines[0] and "bogus" in lines[0]

@@ -19,6 +19,7 @@ COMPILE_MODES = ("auto", "reduce-overhead", "regional", "max-autotune", "max-aut
 # so a cold compile costs one layer, not all of them), and the decode step is captured whole as
 # one CUDA graph by engine.cuda_graph.CapturedStep.
 _configured = False
+PDL_CHOICES = ("auto", "1", "0")  # LLMOPT_PDL (``use_pdl``)
 
 
 def resolve_compile_mode(mode: str, device: Any) -> str:
@@ -63,6 +64,7 @@ def configure_inductor() -> None:
     inductor_config.fx_graph_cache = True
     inductor_config.coordinate_descent_tuning = env_choice("LLMOPT_COORDINATE_DESCENT", "1", on) == "1"
     inductor_config.max_autotune_pointwise = env_choice("LLMOPT_AUTOTUNE_POINTWISE", "1", on) == "1"
+    env_choice("LLMOPT_PDL", "auto", PDL_CHOICES)  # read per model (use_pdl); checked on every compile
     inductor_config.triton.unique_kernel_names = True
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
@@ -92,7 +94,7 @@ def use_pdl(model: Any) -> bool:
     PDL launches too (torch's int4 kernel, tinygemm, never is); "1" and "0" force it."""
     from llmopt.errors import env_choice
 
-    choice = env_choice("LLMOPT_PDL", "auto", ("auto", "1", "0"))
+    choice = env_choice("LLMOPT_PDL", "auto", PDL_CHOICES)
     if choice != "auto" or model is None:
         return choice == "1"
     from llmopt.kernels import KERNEL_PDL
