@@ -149,7 +149,9 @@ def test_bad_weight_kernel_choice_is_one_line(name: str) -> None:
     assert name in lines[0] and "bogus" in lines[0]
 
 
-@pytest.mark.parametrize("name", ["LLMOPT_PDL", "LLMOPT_AUTOTUNE_POINTWISE", "LLMOPT_COORDINATE_DESCENT"])
+@pytest.mark.parametrize(
+    "name", ["LLMOPT_PDL", "LLMOPT_AUTOTUNE_POINTWISE", "LLMOPT_COORDINATE_DESCENT", "LLMOPT_TP_TUNING"]
+)
 def test_bad_compile_setting_is_one_line(name: str) -> None:
     """The generated-kernel settings are checked when a compile starts, on any device (LLMOPT_PDL
     is otherwise read only for GPU compiles): a bad value is one line and exit 2."""

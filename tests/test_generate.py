@@ -234,6 +234,34 @@ def test_pdl_setting_follows_the_model_and_the_environment(monkeypatch) -> None:
         use_pdl(model)
 
 
+def test_tensor_parallel_ranks_on_gpus_pick_kernels_without_timing(monkeypatch) -> None:
+    """Under tensor parallelism on GPUs (LLMOPT_TP_TUNING ``heuristic``, the default) each
+    compile runs in inductor's deterministic mode, so every rank picks the same kernel configs;
+    one process, or ``timed``, keeps the timed search; a bad value is a UserError."""
+    import torch._inductor.config as inductor_config
+
+    from llmopt.engine import compile as compile_mod
+
+    if not hasattr(inductor_config, "deterministic"):
+        pytest.skip("this torch has no deterministic inductor mode")
+    model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=3)
+    monkeypatch.delenv("LLMOPT_TP_TUNING", raising=False)
+    with inductor_config.patch(deterministic=False):
+        assert "deterministic" not in compile_mod.inductor_options(model, "reduce-overhead")
+        monkeypatch.setattr(compile_mod, "_tp_on_gpus", lambda: True)
+        monkeypatch.setenv("LLMOPT_TP_TUNING", "timed")
+        assert "deterministic" not in compile_mod.inductor_options(model)
+        assert not inductor_config.deterministic
+        monkeypatch.delenv("LLMOPT_TP_TUNING")
+        opts = compile_mod.inductor_options(model, "reduce-overhead")
+        assert opts["deterministic"] is True and opts["triton.cudagraphs"] is True
+        assert inductor_config.deterministic  # for first-launch tuning outside the compile too
+        assert compile_mod.inductor_settings(model)["same_kernels_on_every_rank"]
+        monkeypatch.setenv("LLMOPT_TP_TUNING", "bogus")
+        with pytest.raises(UserError, match="LLMOPT_TP_TUNING"):
+            compile_mod.inductor_options(model)
+
+
 def test_pdl_setting_reaches_each_compile(tmp_path, monkeypatch) -> None:
     """The per-model setting is a per-compile option: inside inductor's compile of each model's
     layer, ``triton.enable_pdl`` reads what ``use_pdl`` chose for that model, unquantised and

@@ -19,6 +19,7 @@ WORLD = 2
 # Seconds the two ranks get for everything (their compiles included) before the fixture stops
 # them and fails with the stages each reached (``progress_rank*.txt``).
 DEADLINE_S = float(os.environ.get("LLMOPT_TP_TEST_S", "900"))
+EXIT_S = 60.0  # after both wrote their results: time to leave the group and exit
 
 
 def _stage(out_dir: str, rank: int, name: str) -> None:
@@ -37,8 +38,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         LOCAL_WORLD_SIZE=str(WORLD),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        # correctness only: no timing-based kernel tuning, so the compiles finish sooner
+        # correctness only: no timing-based kernel tuning (neither search), so the compiles finish sooner
         LLMOPT_COORDINATE_DESCENT="0",
+        LLMOPT_AUTOTUNE_POINTWISE="0",
     )
     from llmopt.engine.generate import Generator
     from llmopt.loading.loader import random_model
@@ -144,30 +146,56 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             res["worker_steps"] = run_worker(engine.runner, tp)
     except Exception as e:  # recorded, so the other results still come back
         res["served"] = f"{type(e).__name__}: {str(e)[:300]}"
-    _stage(out_dir, rank, "done")
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(res))
+    _stage(out_dir, rank, "results written")
+    tmp = Path(out_dir) / f"rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(res))
+    tmp.rename(Path(out_dir) / f"rank{rank}.json")  # whole or absent
+    torch.cuda.synchronize()  # a collective one rank still waits in shows as no stage after this
+    _stage(out_dir, rank, "device idle")
     shutdown_tp(barrier=True)
+    _stage(out_dir, rank, "left the group")
 
 
 @pytest.fixture(scope="module")
 def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Both ranks' results, read as soon as both have written them; then the ranks get
+    ``EXIT_S`` seconds to leave the group and exit, and whether they did is recorded as
+    ``exited`` in rank 0's results (``test_tp2_ranks_exit``)."""
+    import time
+
     import torch.multiprocessing as mp
 
     from llmopt.parallel.launch import free_port
 
     root = tmp_path_factory.mktemp("tpgpu")
-    import time
-
     ctx = mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
+    files = [root / f"rank{r}.json" for r in range(WORLD)]
+    while not all(f.exists() for f in files):
+        if ctx.join(timeout=2) or time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             stages = {r: (root / f"progress_rank{r}.txt").read_text() if (root / f"progress_rank{r}.txt").exists()
                       else "(none)" for r in range(WORLD)}
-            pytest.fail(f"the two ranks did not finish in {DEADLINE_S:.0f} s; stages reached: {stages}")
-    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+            pytest.fail(f"the two ranks did not finish in {DEADLINE_S:.0f} s (or one exited early); "
+                        f"stages reached: {stages}")
+    results = [json.loads(f.read_text()) for f in files]
+    exit_deadline = time.monotonic() + EXIT_S
+    exited = False
+    while time.monotonic() < exit_deadline:
+        try:
+            if ctx.join(timeout=2):
+                exited = True
+                break
+        except Exception as e:  # mp raises ProcessExitedException for a non-zero exit
+            results[0]["exited"] = f"{type(e).__name__}: {e}"
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+    results[0].setdefault("exited", exited)
+    results[0]["stages"] = {r: (root / f"progress_rank{r}.txt").read_text() for r in range(WORLD)}
+    return results
 
 
 @pytest.mark.parametrize("mode", ["nccl", "symm-one-shot", "symm-two-shot"])
@@ -193,4 +221,9 @@ def test_tp2_serving_engine_on_gpus(gpu_results: list[dict[str, Any]]) -> None:
     main = gpu_results[0]
     assert isinstance(main["served"], list), main["served"]
     assert main["served"] == main["served_ref"]
+
+
+def test_tp2_ranks_exit(gpu_results: list[dict[str, Any]]) -> None:
+    """Both ranks leave the group and exit once done, instead of hanging in the shutdown."""
+    assert gpu_results[0]["exited"] is True, (gpu_results[0]["exited"], gpu_results[0]["stages"])
 

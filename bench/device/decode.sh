@@ -35,11 +35,13 @@ for r in "$@"; do
     # RUN%V: the same run with the generated-kernel settings of engine/compile.py (each on by
     # default) changed, in its own cache: V = nopdl (LLMOPT_PDL=0), noapw
     # (LLMOPT_AUTOTUNE_POINTWISE=0) or neither; or kpdl: llmopt's own decode kernels as PDL launches
-    # too (LLMOPT_KERNEL_PDL=1, which LLMOPT_PDL=auto then pairs with inductor's); named RUN_V
-    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL
+    # too (LLMOPT_KERNEL_PDL=1, which LLMOPT_PDL=auto then pairs with inductor's); or det:
+    # inductor's deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1: no timed kernel choices); named RUN_V
+    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL TORCHINDUCTOR_DETERMINISTIC
     case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
         case $v in nopdl) export LLMOPT_PDL=0 ;; noapw) export LLMOPT_AUTOTUNE_POINTWISE=0 ;;
-            neither) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0 ;; kpdl) export LLMOPT_KERNEL_PDL=1 ;; *) echo "unknown variant $v"; continue ;; esac ;;
+            neither) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0 ;; kpdl) export LLMOPT_KERNEL_PDL=1 ;;
+            det) export TORCHINDUCTOR_DETERMINISTIC=1 ;; *) echo "unknown variant $v"; continue ;; esac ;;
     esac
     case $r in *+regional) r=${r%+regional} name=${name/+regional/_regional} EXTRA="--compile-mode regional" ;; esac
     # RUN+fused: with --fuse-projections (q/k/v and gate/up joined; quantised ones too)

@@ -47,14 +47,16 @@ if [ "${TP_PLAN:-graph}" = regional ]; then
     # so a slow or stuck stage is named in the log rather than cut off silently.
     if [ "${TEST_S:-180}" != 0 ]; then
         LLMOPT_TP_TEST_S=$(( ${TEST_S:-180} - 20 )) timeout ${TEST_S:-180} python3 -m pytest -q -m gpu \
-            tests/test_parallel_gpu.py -p no:cacheprovider 2>&1 | tail -8 | cut -c1-2000 | tee -a "$LOG"
+            tests/test_parallel_gpu.py -p no:cacheprovider > "$OUT/tests.log" 2>&1
+        tail -n 8 "$OUT/tests.log" | cut -c1-2000 | tee -a "$LOG"
+        grep -m1 -A3 "stages reached" "$OUT/tests.log" | cut -c1-3000 | tee -a "$LOG"
     fi
     P="--profile $OUT/profile"
     # TP_MODELS: the TP=2 models (default 7B, 13B, 70B); TP=1 runs the ones that fit one GPU
     M2=${TP_MODELS:-"preset:llama-2-7b preset:llama-2-13b preset:llama-2-70b"}
     M1=$(for m in $M2; do [ "$m" != preset:llama-2-70b ] && echo --model $m; done)
-    [ -n "$M1" ] && step tp1_regional 90 decode --tp 1 $M1 --mode regional $P
-    step tp2_regional 150 decode --tp 2 $(for m in $M2; do echo --model $m; done) --mode regional \
+    [ -n "$M1" ] && step tp1_regional 60 decode --tp 1 $M1 --mode regional $P
+    step tp2_regional 90 decode --tp 2 $(for m in $M2; do echo --model $m; done) --mode regional \
         --allreduce ${TP_ALLREDUCE:-nccl --allreduce symm-one-shot} $P
     echo "=== summary"
     $B summary "$OUT"/*.json | tee "$OUT/summary.txt"

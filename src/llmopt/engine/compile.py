@@ -65,6 +65,7 @@ def configure_inductor() -> None:
     inductor_config.coordinate_descent_tuning = env_choice("LLMOPT_COORDINATE_DESCENT", "1", on) == "1"
     inductor_config.max_autotune_pointwise = env_choice("LLMOPT_AUTOTUNE_POINTWISE", "1", on) == "1"
     env_choice("LLMOPT_PDL", "auto", PDL_CHOICES)  # read per model (use_pdl); checked on every compile
+    env_choice("LLMOPT_TP_TUNING", "heuristic", ("heuristic", "timed"))  # same_kernels_on_every_rank
     inductor_config.triton.unique_kernel_names = True
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
@@ -102,16 +103,46 @@ def use_pdl(model: Any) -> bool:
     return KERNEL_PDL or not _has_opaque_kernels(model)
 
 
+def _tp_on_gpus() -> bool:
+    """Whether this process is one rank of a tensor-parallel group on GPUs (NCCL)."""
+    import torch.distributed as dist
+
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and dist.get_backend() == "nccl")
+
+
+def same_kernels_on_every_rank() -> bool:
+    """LLMOPT_TP_TUNING: how a tensor-parallel rank picks its generated kernels' configs.
+    ``heuristic`` (default): inductor's deterministic mode, configs chosen without timing them,
+    so every rank runs the same kernels. ``timed``: each rank times candidates on its own GPU
+    while all compile at once, and picks its own; every all-reduce then waits for the slowest
+    rank's choice. Measured on 2 H200s (bench/results/tp/h200x2_s10a_*, regional, one-shot
+    all-reduce): 13B TP=2 217.0 tok/s heuristic against 214.0 timed, the one-shot all-reduce
+    143.8 ms against 167.1 ms of rank 0's profiled run (time spent waiting for the other rank);
+    70B TP=2 50.5 and 48.0 tok/s heuristic on two machines (44.1 in the seventh session). One
+    GPU keeps the timed search (there it measured faster: 7B 251.7 against 246.3, int8 238.0
+    against 205.7; bench/results/decode/h200x2_s10c)."""
+    from llmopt.errors import env_choice
+
+    return env_choice("LLMOPT_TP_TUNING", "heuristic", ("heuristic", "timed")) == "heuristic" and _tp_on_gpus()
+
+
 def inductor_options(model: Any, mode: str | None = None) -> dict[str, Any]:
     """Per-compile inductor settings (``torch.compile(options=...)``): those of ``mode`` (which
-    ``options`` replaces) plus programmatic dependent launch where ``use_pdl(model)``. On torch
-    builds without ``triton.enable_pdl`` the setting is left out."""
+    ``options`` replaces), programmatic dependent launch where ``use_pdl(model)``, and under
+    tensor parallelism on GPUs the untimed kernel choice of ``same_kernels_on_every_rank``. On
+    torch builds without ``triton.enable_pdl`` (or ``deterministic``) the setting is left out."""
     import torch._inductor
     import torch._inductor.config as inductor_config
 
     opts = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
     if hasattr(inductor_config.triton, "enable_pdl"):
         opts["triton.enable_pdl"] = use_pdl(model)
+    if hasattr(inductor_config, "deterministic") and same_kernels_on_every_rank():
+        opts["deterministic"] = True
+        # also for the tuning that runs at a kernel's first launch, outside this compile's
+        # settings (the process is one rank: nothing else compiles in it)
+        inductor_config.deterministic = True
     return opts
 
 
@@ -122,6 +153,7 @@ def inductor_settings(model: Any) -> dict[str, bool]:
     configure_inductor()
     return {
         "pdl": hasattr(inductor_config.triton, "enable_pdl") and use_pdl(model),
+        "same_kernels_on_every_rank": same_kernels_on_every_rank(),
         "autotune_pointwise": bool(inductor_config.max_autotune_pointwise),
         "coordinate_descent": bool(inductor_config.coordinate_descent_tuning),
     }

@@ -313,13 +313,28 @@ def shutdown_tp(barrier: bool = False) -> None:
         try:
             store, rank, world = None, dist.get_rank(), dist.get_world_size()
             if barrier:
-                dist.barrier()
                 store = dist.distributed_c10d._get_default_store()
+                _store_barrier(store, world, _timeout().total_seconds())
             dist.destroy_process_group()
             if store is not None and world > 1:
                 _leave_in_order(store, rank, world)
         except Exception as e:  # a peer already gone: nothing more to release
             log.debug("destroy_process_group: %s", e)
+
+
+def _store_barrier(store: Any, world: int, timeout_s: float) -> None:
+    """Wait until every rank got here, on the rendezvous store (TCP, host side) rather than with
+    a collective: a GPU barrier queues one more NCCL operation behind whatever the ranks left on
+    their communicators, and on 2 H200s a TP=2 run that had served and then passed a device
+    synchronize still never got past the shutdown (bench/results/tp/h200x2_s10d/tests.log)."""
+    key = "llmopt/finished"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world:
+        if time.monotonic() > deadline:
+            log.warning("not every rank finished within %.0f s; leaving the group anyway", timeout_s)
+            return
+        time.sleep(0.01)
 
 
 def _leave_in_order(store: Any, rank: int, world: int, timeout_s: float = 30.0) -> None:

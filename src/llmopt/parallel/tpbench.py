@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -76,6 +77,11 @@ def _env_info() -> dict[str, Any]:
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception:
             pass
+    # the settings that change which kernels a compile picks (llmopt's and inductor's own)
+    info["settings"] = {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith(("LLMOPT_", "TORCHINDUCTOR_"))
+        and not k.startswith("LLMOPT_LAUNCHER")
+    }
     return info
 
 
@@ -323,6 +329,9 @@ def bench_decode(
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
                     if mode in ("compile", "regional"):
+                        from llmopt.engine.compile import inductor_settings
+
+                        r["inductor_settings"] = inductor_settings(model)
                         torch._dynamo.reset()
                         speeds, compile_s = _decode_compiled(
                             model, prompt, args.new_tokens, cache_len, dev, tp, args.runs,
