@@ -42,6 +42,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         LLMOPT_COORDINATE_DESCENT="0",
         LLMOPT_AUTOTUNE_POINTWISE="0",
     )
+    import logging
+
     from llmopt.engine.generate import Generator
     from llmopt.loading.loader import random_model
     from llmopt.loading.presets import preset_config
@@ -50,6 +52,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from llmopt.parallel.sharding import shard_model
     from llmopt.sampling import SamplingParams
 
+    # the shutdown's own steps (process_group logs them) go to the progress file too
+    handler = logging.FileHandler(Path(out_dir) / f"progress_rank{rank}.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    pg_log = logging.getLogger("llmopt.parallel.process_group")
+    pg_log.addHandler(handler)
+    pg_log.setLevel(logging.INFO)
     _stage(out_dir, rank, "init")
     tp = init_tp(WORLD, "cuda")
     dev = tp.device

@@ -315,7 +315,9 @@ def shutdown_tp(barrier: bool = False) -> None:
             if barrier:
                 store = dist.distributed_c10d._get_default_store()
                 _store_barrier(store, world, _timeout().total_seconds())
+                log.info("rank %d: every rank finished; leaving the group", rank)
             dist.destroy_process_group()
+            log.info("rank %d: group destroyed", rank)
             if store is not None and world > 1:
                 _leave_in_order(store, rank, world)
         except Exception as e:  # a peer already gone: nothing more to release
