@@ -183,10 +183,8 @@ def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
         if ctx.join(timeout=2) or time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            stages = {r: (root / f"progress_rank{r}.txt").read_text() if (root / f"progress_rank{r}.txt").exists()
-                      else "(none)" for r in range(WORLD)}
             pytest.fail(f"the two ranks did not finish in {DEADLINE_S:.0f} s (or one exited early); "
-                        f"stages reached: {stages}")
+                        f"stages reached: {_stages(root)}")
     results = [json.loads(f.read_text()) for f in files]
     exit_deadline = time.monotonic() + EXIT_S
     exited = False
@@ -202,8 +200,14 @@ def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
         for p in ctx.processes:
             p.kill()
     results[0].setdefault("exited", exited)
-    results[0]["stages"] = {r: (root / f"progress_rank{r}.txt").read_text() for r in range(WORLD)}
+    results[0]["stages"] = _stages(root)
     return results
+
+
+def _stages(root: Path) -> dict[int, str]:
+    """Each rank's progress file (the stages it reached, then its shutdown's log lines)."""
+    files = {r: root / f"progress_rank{r}.txt" for r in range(WORLD)}
+    return {r: f.read_text() if f.exists() else "(none)" for r, f in files.items()}
 
 
 @pytest.mark.parametrize("mode", ["nccl", "symm-one-shot", "symm-two-shot"])

@@ -116,6 +116,15 @@ def kv_bytes_per_step(config: ModelConfig, batch: int, mean_len: float, dtype: t
     return 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * mean_len * elem
 
 
+def settings_env() -> dict[str, str]:
+    """The environment switches that change what runs (kernel choice, tuning), to record with a
+    number: ``LLMOPT_*`` and ``TORCHINDUCTOR_*``, less the cache path and the launcher's pid."""
+    import os
+
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(("LLMOPT_", "TORCHINDUCTOR_")) and k not in ("LLMOPT_CACHE", "LLMOPT_LAUNCHER_PID")}
+
+
 def versions(device: torch.device) -> dict[str, str]:
     from llmopt import __version__
 

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmopt.bench.latency import BenchConfig, format_table, run_latency_bench
+    from llmopt.bench.latency import BenchConfig, format_table, run_latency_bench, settings_env
     from llmopt.loading.loader import load_model
 
     cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len,
@@ -89,13 +89,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json_path:
         out = result.as_dict()
-        import os
         import sys
 
         out["command"] = "llmopt " + " ".join(sys.argv[1:])
         # switches that change what runs (kernel choice, tuning) belong with the number
-        out["env"] = {k: v for k, v in sorted(os.environ.items())
-                      if k.startswith(("LLMOPT_", "TORCHINDUCTOR_")) and k != "LLMOPT_CACHE"}
+        out["env"] = settings_env()
         if args.compile and lm.device.type == "cuda":
             from llmopt.engine.compile import inductor_settings
 

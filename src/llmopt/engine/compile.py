@@ -20,6 +20,7 @@ COMPILE_MODES = ("auto", "reduce-overhead", "regional", "max-autotune", "max-aut
 # one CUDA graph by engine.cuda_graph.CapturedStep.
 _configured = False
 PDL_CHOICES = ("auto", "1", "0")  # LLMOPT_PDL (``use_pdl``)
+TP_TUNING_CHOICES = ("heuristic", "timed")  # LLMOPT_TP_TUNING (``same_kernels_on_every_rank``)
 
 
 def resolve_compile_mode(mode: str, device: Any) -> str:
@@ -34,10 +35,8 @@ def resolve_compile_mode(mode: str, device: Any) -> str:
     if mode != "auto":
         return mode
     import torch
-    import torch.distributed as dist
 
-    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return "regional" if torch.device(device).type == "cuda" and not sharded else "reduce-overhead"
+    return "regional" if torch.device(device).type == "cuda" and not _sharded() else "reduce-overhead"
 
 
 def configure_inductor() -> None:
@@ -65,7 +64,7 @@ def configure_inductor() -> None:
     inductor_config.coordinate_descent_tuning = env_choice("LLMOPT_COORDINATE_DESCENT", "1", on) == "1"
     inductor_config.max_autotune_pointwise = env_choice("LLMOPT_AUTOTUNE_POINTWISE", "1", on) == "1"
     env_choice("LLMOPT_PDL", "auto", PDL_CHOICES)  # read per model (use_pdl); checked on every compile
-    env_choice("LLMOPT_TP_TUNING", "heuristic", ("heuristic", "timed"))  # same_kernels_on_every_rank
+    env_choice("LLMOPT_TP_TUNING", "heuristic", TP_TUNING_CHOICES)  # same_kernels_on_every_rank
     inductor_config.triton.unique_kernel_names = True
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
@@ -103,12 +102,18 @@ def use_pdl(model: Any) -> bool:
     return KERNEL_PDL or not _has_opaque_kernels(model)
 
 
+def _sharded() -> bool:
+    """Whether this process is one rank of a tensor-parallel group of more than one."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _tp_on_gpus() -> bool:
     """Whether this process is one rank of a tensor-parallel group on GPUs (NCCL)."""
     import torch.distributed as dist
 
-    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            and dist.get_backend() == "nccl")
+    return _sharded() and dist.get_backend() == "nccl"
 
 
 def same_kernels_on_every_rank() -> bool:
@@ -124,7 +129,7 @@ def same_kernels_on_every_rank() -> bool:
     against 205.7; bench/results/decode/h200x2_s10c)."""
     from llmopt.errors import env_choice
 
-    return env_choice("LLMOPT_TP_TUNING", "heuristic", ("heuristic", "timed")) == "heuristic" and _tp_on_gpus()
+    return env_choice("LLMOPT_TP_TUNING", "heuristic", TP_TUNING_CHOICES) == "heuristic" and _tp_on_gpus()
 
 
 def inductor_options(model: Any, mode: str | None = None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -77,11 +76,9 @@ def _env_info() -> dict[str, Any]:
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception:
             pass
-    # the settings that change which kernels a compile picks (llmopt's and inductor's own)
-    info["settings"] = {
-        k: v for k, v in sorted(os.environ.items()) if k.startswith(("LLMOPT_", "TORCHINDUCTOR_"))
-        and not k.startswith("LLMOPT_LAUNCHER")
-    }
+    from llmopt.bench.latency import settings_env
+
+    info["settings"] = settings_env()
     return info
 
 
