@@ -331,12 +331,18 @@ def _store_barrier(store: Any, world: int, timeout_s: float) -> None:
     synchronize still never got past the shutdown (bench/results/tp/h200x2_s10d/tests.log)."""
     key = "llmopt/finished"
     store.add(key, 1)
+    if not _wait_for_count(store, key, world, timeout_s):
+        log.warning("not every rank finished within %.0f s; leaving the group anyway", timeout_s)
+
+
+def _wait_for_count(store: Any, key: str, count: int, timeout_s: float) -> bool:
+    """Poll the store's counter ``key`` until it reaches ``count``; False once ``timeout_s`` passed."""
     deadline = time.monotonic() + timeout_s
-    while store.add(key, 0) < world:
+    while store.add(key, 0) < count:
         if time.monotonic() > deadline:
-            log.warning("not every rank finished within %.0f s; leaving the group anyway", timeout_s)
-            return
+            return False
         time.sleep(0.01)
+    return True
 
 
 def _leave_in_order(store: Any, rank: int, world: int, timeout_s: float = 30.0) -> None:
@@ -347,6 +353,4 @@ def _leave_in_order(store: Any, rank: int, world: int, timeout_s: float = 30.0) 
     if rank != 0:
         store.add(key, 1)
         return
-    deadline = time.monotonic() + timeout_s
-    while store.add(key, 0) < world - 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_count(store, key, world - 1, timeout_s)
