@@ -582,3 +582,30 @@ def test_allreduce_auto_is_symmetric_memory_on_gpus_only() -> None:
     assert resolve_allreduce("auto", torch.device("cpu")) == "nccl"  # gloo's own all-reduce
     assert resolve_allreduce("nccl", torch.device("cuda", 0)) == "nccl"
     assert resolve_allreduce("symm-two-shot", torch.device("cuda", 0)) == "symm-two-shot"
+
+
+def test_shutdown_releases_captured_graphs_before_destroying_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph that captured a collective holds its NCCL communicator, whose destroy then
+    waits forever (the TP=2 exit hang on 2 H200s): the shutdown resets every registered graph,
+    then destroys the group. CPU stand-in: a one-rank gloo group and a graph-like object."""
+    import torch.distributed as dist
+
+    from llmopt import devices
+    from llmopt.parallel import process_group as pg
+
+    events: list[str] = []
+
+    class CapturedGraph:
+        def reset(self) -> None:
+            events.append("graph reset")
+
+    graph = CapturedGraph()
+    devices._GRAPHS.add(graph)  # type: ignore[arg-type]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (events.append("group destroyed"), destroy())[1])
+    monkeypatch.setattr(pg, "_CURRENT", object())
+    pg.shutdown_tp(barrier=True)
+    assert events == ["graph reset", "group destroyed"]
+    assert not dist.is_initialized()
+    assert list(devices._GRAPHS) == []  # released graphs are forgotten

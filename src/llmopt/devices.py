@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import weakref
+
 import torch
 
 from llmopt.errors import UserError
@@ -46,6 +50,35 @@ def resolve_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# Every CUDA graph llmopt captures, so that a tensor-parallel rank can destroy them before it
+# tears down NCCL: a graph that captured a collective holds a reference on its communicator, and
+# ncclCommDestroy waits for that reference to go (pytorch/pytorch#115388), so a rank that still
+# holds its graphs never leaves the group (bench/results/tp/h200x2_s11a/tests.log).
+_GRAPHS: weakref.WeakSet[torch.cuda.CUDAGraph] = weakref.WeakSet()
+
+
+def new_cuda_graph() -> torch.cuda.CUDAGraph:
+    """A CUDA graph to capture into, registered for ``release_cuda_graphs``."""
+    graph = torch.cuda.CUDAGraph()
+    _GRAPHS.add(graph)
+    return graph
+
+
+def release_cuda_graphs() -> int:
+    """Destroy every captured CUDA graph of this process: llmopt's own (``new_cuda_graph``) and
+    torch.compile's cudagraph trees. Their owners cannot replay them afterwards; meant for the
+    shutdown. Returns how many of llmopt's own graphs were live."""
+    graphs = list(_GRAPHS)
+    for graph in graphs:
+        graph.reset()
+    _GRAPHS.clear()
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")  # only if compile ever loaded it
+    if trees is not None:
+        trees.reset_cudagraph_trees()
+    gc.collect()  # graphs held only by reference cycles go now, not at interpreter exit
+    return len(graphs)
 
 
 class HostTokens:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmopt.devices import new_cuda_graph
+
 
 @dataclass
 class _Graph:
@@ -70,7 +72,7 @@ class CapturedStep:
             for _ in range(self.warmup):
                 self.fn(*inputs)
         torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        graph = new_cuda_graph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.fn(*inputs)
         self.captures += 1

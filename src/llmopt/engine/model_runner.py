@@ -20,6 +20,7 @@ from llmopt.attention.paged import (
     PagedAttentionMetadata,
     build_paged_metadata,
 )
+from llmopt.devices import new_cuda_graph
 from llmopt.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from llmopt.kv_cache.paged import install_paged_caches, kv_bytes_per_block
 from llmopt.sampling import SamplingParams, SamplingTensors, sample
@@ -162,7 +163,7 @@ class ModelRunner:
                 for _ in range(2):  # compile the kernels outside the capture
                     self._graph_body(b, meta)
                 torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
+                graph = new_cuda_graph()
                 with torch.cuda.graph(graph, pool=pool):
                     out = self._graph_body(b, meta)
                 self.graphs[b] = (graph, out)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmopt.devices import release_cuda_graphs
 from llmopt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,10 @@ def shutdown_tp(barrier: bool = False) -> None:
                 store = dist.distributed_c10d._get_default_store()
                 _store_barrier(store, world, _timeout().total_seconds())
                 log.info("rank %d: every rank finished; leaving the group", rank)
+            if barrier and torch.cuda.is_initialized():  # (a failed rank's peers may never finish)
+                torch.cuda.synchronize()
+            n = release_cuda_graphs()  # graphs that captured collectives would block the destroy
+            log.info("rank %d: %d CUDA graphs (and compile's graph trees) released", rank, n)
             dist.destroy_process_group()
             log.info("rank %d: group destroyed", rank)
             if store is not None and world > 1:

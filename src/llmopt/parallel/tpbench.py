@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from llmopt.devices import new_cuda_graph
 from llmopt.parallel.process_group import TPContext, init_tp, rank_env, shutdown_tp
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def bench_allreduce(
                 _sync(dev)
                 r["eager_us"] = (time.perf_counter() - t0) / iters * 1e6
                 if dev.type == "cuda":
-                    g = torch.cuda.CUDAGraph()
+                    g = new_cuda_graph()
                     with torch.cuda.graph(g):
                         outs = [step() for _ in range(graph_calls)]
                     g.replay()
@@ -180,7 +181,7 @@ def _decode_step_graph(
                 for _ in range(3):
                     step()
             torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
+            graph = new_cuda_graph()
             with torch.cuda.graph(graph):
                 step()
             run_step = graph.replay
