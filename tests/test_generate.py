@@ -147,6 +147,26 @@ def test_fused_quantised_projections_match_unfused(spec: str) -> None:
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
+def test_projections_fused_by_default_only_for_quantised_models_on_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fuse-projections unset: a compiled weight-only quantised model is fused on a GPU (measured
+    faster in every format); bf16 is not (measured slower), nor anything on CPU or under tensor
+    parallelism. The decision reads the modules and the device only."""
+    from llmopt.engine import compile as compile_mod
+    from llmopt.models.fusion import fuse_by_default, fuse_projections
+    from llmopt.quant import quantize_
+
+    cfg = preset_config("tiny")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain = random_model(cfg, cpu, torch.float32, seed=3)
+    quantised = quantize_(random_model(cfg, cpu, torch.float32, seed=3), "int8")
+    assert fuse_by_default(quantised, cuda) and not fuse_by_default(plain, cuda)
+    assert not fuse_by_default(quantised, cpu)
+    fuse_projections(quantised)  # already fused: still a quantised model
+    assert fuse_by_default(quantised, cuda)
+    monkeypatch.setattr(compile_mod, "_sharded", lambda: True)
+    assert not fuse_by_default(quantised, cuda)
+
+
 def test_quantised_projections_that_cannot_join_stay_apart() -> None:
     """Double-quantised NF4 (absmax blocks across output features) and mixed formats are left
     unfused, and the model still computes the same logits."""

@@ -117,16 +117,16 @@ def _gemv_args(fmt: str, args: tuple) -> tuple:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "nf4-select", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4", "nf4-select", "nf4-prmt", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], monkeypatch) -> None:
     """The few-row kernels (LLMOPT_WO_KERNEL=triton-gemv) at 1, 3 and 8 rows, and the one-row
     deferred-sum kernels, against float64 dequantise-matmul; nf4-select: NF4 levels picked by
-    selects (LLMOPT_NF4_DECODE=select)."""
+    selects or by byte permutes (LLMOPT_NF4_DECODE=select, prmt)."""
     from llmopt.quant.kernels import triton_wo
 
-    if fmt == "nf4-select":
-        monkeypatch.setattr(triton_wo, "NF4_DECODE", "select")
+    if fmt.startswith("nf4-"):
+        monkeypatch.setattr(triton_wo, "NF4_DECODE", fmt[4:])
         fmt = "nf4"
 
     n, k, group = shape
@@ -350,7 +350,7 @@ for n, k, group in [(96, 576, 32), (64, 1024, 128)]:  # 576: K not a multiple of
                     if packed:
                         out = torch.zeros((n,), dtype=torch.float32)
                         T._packed_gemv1[(triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])](
-                            x, wt, s, z, lut.float(), out, n, k, 15, FMT=code, GROUP=grp, NF4_SELECT=sel,
+                            x, wt, s, z, lut.float(), out, n, k, 15, FMT=code, GROUP=grp, NF4_DECODE=int(sel),
                             INT_DECODE=dec, **kw)
                     else:
                         out = torch.empty((n,), dtype=torch.float16)
@@ -412,12 +412,12 @@ for block_m in (1, 8):
 # (LLMOPT_KERNEL_PDL: the first tile of each format also as a programmatic dependent launch)
 one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C, "PDL": C}
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
-    for fmt, grp, sel in ((T.FMT_INT4, 32, False), (T.FMT_INT4, 128, False), (T.FMT_NF4, 64, False), (T.FMT_NF4, 64, True)):
+    for fmt, grp, nf4 in ((T.FMT_INT4, 32, 0), (T.FMT_INT4, 128, 0), *((T.FMT_NF4, 64, d) for d in T.NF4_DECODES.values())):
         for dec in T.DECODES.values():
             for pdl in (False, True) if i == 0 and dec == 1 else (False,):
                 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
-                       "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_SELECT": C}
-                cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_SELECT": sel,
+                       "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_DECODE": C}
+                cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_DECODE": nf4,
                                                             "INT_DECODE": dec, "PDL": pdl, **cfg.kwargs}, cfg.num_warps))
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
     for fmt, wt in ((T.FMT_INT8, "*i8"), (T.FMT_FP8, "*fp8e4nv"), (T.FMT_DENSE, "*bf16")):
@@ -429,6 +429,7 @@ for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
 HINTED = {id(T._packed_gemv1_kernel), id(T._rowmajor_gemv1_kernel)}
 spilled = []
 pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
+prmt_marks = []
 for kern, sig, consts, warps in cases:
     attrs = ({(kern.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
               if t != C and a not in ("M", "nib")} if id(kern) in HINTED else None)
@@ -439,13 +440,16 @@ for kern, sig, consts, warps in cases:
     if "PDL" in consts:
         ptx = k.asm["ptx"]
         pdl_marks.append((consts["PDL"], "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx))
+    if consts.get("NF4_DECODE") is not None:  # NF4 by byte permutes: prmt in the PTX, nowhere else
+        prmt_marks.append((consts["NF4_DECODE"] == 2, "prmt.b32" in k.asm["ptx"]))
     r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
     m = re.search(r"(\d+) bytes spill stores", r.stderr)
     if r.returncode != 0 or (m and int(m.group(1)) > 0):
         spilled.append((kern.fn.__name__, consts, r.stderr[-300:]))
 print(len(cases), "compiled;", spilled)
 assert not spilled, spilled
-assert sum(p for p, _ in pdl_marks) == 7 and all(p == marked for p, marked in pdl_marks), pdl_marks
+assert sum(p for p, _ in pdl_marks) == 8 and all(p == marked for p, marked in pdl_marks), pdl_marks
+assert sum(p for p, _ in prmt_marks) >= 8 and all(p == marked for p, marked in prmt_marks), prmt_marks
 '''
 
 
@@ -453,3 +457,100 @@ def test_gemv_kernels_compile_for_hopper_without_spills(tmp_path) -> None:
     """Every one-row kernel config compiles for sm_90 (Triton's own compiler and ptxas, no GPU
     needed) with no register spills; skipped without triton."""
     run_triton_script(_COMPILE_SCRIPT, tmp_path, interpret=False)
+
+
+def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """A tiny interpreter for the integer PTX the NF4 byte-permute decode uses (and, or, shl,
+    shr.u32, prmt.b32 in its default mode), on 32-bit unsigned values."""
+    def val(tok: str) -> int:
+        return int(tok, 0) & 0xFFFFFFFF if tok[0].isdigit() else regs[tok]
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *args = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in args]
+        if op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        elif op == "shl.b32":
+            r = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":
+            pool = a[0] | (a[1] << 32)  # bytes 0-3 from a, 4-7 from b
+            r = 0
+            for i in range(4):
+                nib = (a[2] >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:  # sign-replicate mode: never used by the decode
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * i)
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+        regs[d] = r
+    return regs
+
+
+def _kernel_ptx(jit_fn) -> str:
+    """The PTX string literal a Triton helper passes to ``tl.inline_asm_elementwise``."""
+    import ast
+
+    call = next(n for n in ast.walk(ast.parse(jit_fn.src)) if isinstance(n, ast.Call)
+                and getattr(n.func, "attr", "") == "inline_asm_elementwise")
+    return call.args[0].value
+
+
+def test_nf4_byte_permute_decode_gives_every_level() -> None:
+    """The PTX of LLMOPT_NF4_DECODE=prmt as written in the kernel, interpreted on CPU: every code
+    in every one of a word's eight positions decodes to its NF4 level (rounded to bfloat16), as
+    float32 bits; and it is the PTX that the codebook's byte tables generate."""
+    pytest.importorskip("triton")
+    from llmopt.quant.kernels import triton_wo as T
+    from llmopt.quant.primitives import nf4_codebook
+
+    asm = _kernel_ptx(T._nf4_prmt)
+    assert asm.split() == T._nf4_prmt_asm().split()
+    want = nf4_codebook().to(torch.bfloat16).float()
+    rng = torch.Generator().manual_seed(0)
+    words = [sum(((c + j) % 16) << (4 * j) for j in range(8)) for c in range(16)]  # each code everywhere
+    words += torch.randint(0, 1 << 32, (64,), generator=rng, dtype=torch.int64).tolist()
+    for word in words:
+        regs = _run_ptx(asm, {"$8": word})
+        got = torch.tensor([regs[f"${j}"] for j in range(8)], dtype=torch.int64)
+        got = got.to(torch.int32).view(torch.float32)  # the low 32 bits as float32
+        codes = [(word >> (4 * j)) & 0xF for j in range(8)]
+        assert torch.equal(got, want[codes]), (hex(word), got, want[codes])
+
+
+def test_one_row_kernels_name_no_module_constants() -> None:
+    """torch.compile copies a user-defined Triton kernel and the helpers it calls into a module of
+    its own; a module-level constant they read did not survive that under torch 2.11 (every nf4
+    compile failed to import). The one-row kernels and their helpers read only ``tl``, ``triton``
+    and other Triton functions."""
+    pytest.importorskip("triton")
+    import builtins
+    import dis
+
+    import triton
+
+    from llmopt.quant.kernels import triton_wo as T
+
+    seen, todo = set(), [T._packed_gemv1, T._rowmajor_gemv1]
+    while todo:
+        fn = todo.pop()
+        if fn.fn.__name__ in seen:
+            continue
+        seen.add(fn.fn.__name__)
+        for ins in dis.Bytecode(fn.fn):
+            if ins.opname != "LOAD_GLOBAL" or ins.argval in ("tl", "triton"):
+                continue
+            if ins.argval not in fn.fn.__globals__:  # a builtin (range, min)
+                assert hasattr(builtins, ins.argval), (fn.fn.__name__, ins.argval)
+                continue
+            called = fn.fn.__globals__[ins.argval]
+            assert isinstance(called, triton.runtime.jit.JITFunction), (fn.fn.__name__, ins.argval)
+            todo.append(called)
+    assert {"_nf4_prmt", "_nf4_select", "_nibble_float", "_split_range"} <= seen

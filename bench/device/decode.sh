@@ -3,6 +3,7 @@
 # Usage (device tool): bash bench/device/decode.sh RUN [RUN ...]   (RUN names below; "tests" runs pytest)
 # RUN+regional: the same run with --compile-mode regional (its JSON is RUN_regional.json);
 # RUN+fused, RUN%V, RUN@K: see the loop below; together in the order RUN[+regional][+fused][%V][@K]
+# BENCH_FLAGS: added to every bench run (e.g. --debug: tracebacks in log.txt)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
@@ -21,7 +22,7 @@ run() {  # name, args...  (output streams into log.txt, so a run cut short still
     fi
     echo "=== $name: llmopt bench $* (limit ${limit} s)" | tee -a "$OUT/log.txt"
     local prof=""; [ "${PROFILE:-0}" = 1 ] && prof="--profile $OUT/prof/$name"
-    LLMOPT_CACHE=$LLMOPT_CACHE${SUF:-} timeout "$limit" $B "$@" $EXTRA $prof --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
+    LLMOPT_CACHE=$LLMOPT_CACHE${SUF:-} timeout "$limit" $B "$@" $EXTRA ${BENCH_FLAGS:-} $prof --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v -e Warning -e "quantising:" >> "$OUT/log.txt"
     echo "    rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
     EST=$((SECONDS - t0 + 15))
 }
@@ -90,9 +91,11 @@ for r in "$@"; do
             LLMOPT_WO_KERNEL=triton-gemv LLMOPT_GEMV_ONE_ROW=deferred LLMOPT_INT_DECODE=$([ "${r##*_}" = cvt ] && echo cvt || echo magic) \
                 run $name $L7 --quant $q --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_nf4_gemv1_select) LLMOPT_GEMV_ONE_ROW=deferred LLMOPT_NF4_DECODE=select run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_nf4_prmt) LLMOPT_NF4_DECODE=prmt run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_gemv1) LLMOPT_GEMV_ONE_ROW=deferred run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
         wo_kernels) timeout ${WO_S:-300} python3 bench/device/wo_kernels.py --out "$OUT/wo_kernels.json" --rows ${WO_ROWS:-1 8} 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
         gemv_tests) timeout 200 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
+        nf4_tests) timeout 150 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "nf4" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         tinygemm_tests) timeout 120 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "tinygemm or gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         l2-7b_int4g32_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         quant_tests) timeout ${QUANT_TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/log.txt" ;;

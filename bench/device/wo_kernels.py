@@ -122,9 +122,10 @@ def main() -> int:
                     for dec in T.DECODES:
                         cands[f"gemv1-{dec}"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="deferred",
                                                          int_decode=dec) for c in copies]
-                if m == 1 and fmt == "nf4":  # NF4 levels by selects (LLMOPT_NF4_DECODE=select)
-                    cands["gemv1-select"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="deferred",
-                                                     nf4_decode="select") for c in copies]
+                if m == 1 and fmt == "nf4":  # NF4 levels by selects and by byte permutes (LLMOPT_NF4_DECODE)
+                    for nd in ("select", "prmt"):
+                        cands[f"gemv1-{nd}"] = [partial(T.gemv, x, *_gemv_args(fmt, c), one_row="deferred",
+                                                        nf4_decode=nd) for c in copies]
                 if fmt == "int4":
                     tg = [_tinygemm(x, c, n, k) for c in copies]
                     cands["tinygemm"] = None if tg[0] is None else tg

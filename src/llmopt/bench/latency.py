@@ -156,7 +156,7 @@ def run_latency_bench(
     t_process_start: float,
     profile_dir: Path | None = None,
     compile_prefill: bool = False,
-    fuse_projections: bool = False,
+    fuse_projections: bool | None = None,
 ) -> BenchResult:
     """Under tensor parallelism ``model`` is one rank's shard, and the roofline is that rank's:
     its weights and the KV heads its attention holds."""
@@ -206,7 +206,7 @@ def run_latency_bench(
         compile_mode=(None if not compile else "cpu-freezing"
                       if device.type == "cpu" and gen.compile_mode != "regional" else gen.compile_mode),
         compile_prefill=compile_prefill,
-        fuse_projections=fuse_projections, quant=quant, config=asdict(cfg), runs=runs,
+        fuse_projections=gen.fused_projections, quant=quant, config=asdict(cfg), runs=runs,
         decode_tokens_per_s=dec, total_tokens_per_s=dec * cfg.batch_size, ttft_s=ttft,
         prefill_tokens_per_s=cfg.batch_size * cfg.prompt_len / ttft,
         weight_bytes=wbytes, kv_bytes_per_step=kv, achieved_gb_per_s=achieved / 1e9,

@@ -48,7 +48,7 @@ class Generator:
         compile_mode: str = "auto",
         max_seq_len: int | None = None,
         compile_prefill: bool = False,
-        fuse_projections: bool = False,
+        fuse_projections: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -60,6 +60,7 @@ class Generator:
         self._decode_graph: Callable[..., torch.Tensor] | None = None
         self._prefill_fn = model
         self.compile_mode: str | None = None
+        self.fused_projections = False  # q/k/v and gate/up joined (compiled models only)
         if compile:
             from llmopt.engine.compile import (
                 CompiledLayers,
@@ -67,13 +68,17 @@ class Generator:
                 compile_step,
                 resolve_compile_mode,
             )
+            from llmopt.models.fusion import fuse_by_default
             from llmopt.models.fusion import fuse_projections as fuse_fn
 
             compile_mode = self.compile_mode = resolve_compile_mode(compile_mode, device)
-            # Off by default: measured slower on H100 (inductor then lowers the wider matmuls
-            # plus their epilogues to its own reductions; see docs/benchmarks.md).
+            # None: fused for weight-only quantised models on GPUs, where it measured faster;
+            # bf16 stays unfused (measured slower; see fuse_by_default)
+            if fuse_projections is None:
+                fuse_projections = fuse_by_default(model, device)
             if fuse_projections:
                 fuse_fn(model)
+            self.fused_projections = bool(fuse_projections)
             if compile_mode == "regional":
                 # One compiled layer serves all; the step (layers plus eager glue) is one CUDA
                 # graph. Prefill runs the compiled layers only if asked (its first lengths each

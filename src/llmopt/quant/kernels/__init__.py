@@ -55,15 +55,21 @@ GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) ta
 # - LLMOPT_INT_DECODE, how the deferred kernels turn integer codes into floats: "magic" (default)
 #   the exponent trick (``triton_wo._nibble_float``), int8 292.3 tok/s; "cvt" a conversion
 #   instruction, 204.8. The values are the kernels' INT_DECODE constants.
-# - LLMOPT_NF4_DECODE, how NF4 codes become levels: "lut" (default) loads each weight's level from
-#   the 16-entry codebook, a gather of up to 16 addresses per warp for every weight; "select"
-#   picks it in registers by a tree of 15 selects on the code's four bits (``_nf4_select``), no
-#   memory traffic but about 10 selects per weight in SASS: 112.8 against 135.0 tok/s in the
-#   deferred kernel. Single rows only: with 8 rows' accumulators live the tree spills on sm_90.
+# - LLMOPT_NF4_DECODE, how NF4 codes become levels in the deferred kernel: "prmt" (default)
+#   decodes all eight codes of a word by byte permutes from two 16-byte tables (the levels'
+#   bfloat16 high and low bytes; ``triton_wo._nf4_prmt``), no memory access: 256.1 tok/s against
+#   139.6 (7B, one H200, h200_s11d). In SASS (sm_90, a 64 x 256 tile) about as many instructions
+#   per loop iteration as the codebook (1,032 against 1,064), but none of its 128 gathers. "lut"
+#   loads each weight's level from the 16-entry codebook, a gather of up to 16 addresses per warp
+#   for every weight; "select" picks it by a tree of 15 selects on the code's four bits
+#   (``_nf4_select``), about 10 selects per weight: 112.8 against 135.0 for "lut". The few-row
+#   kernel takes "select" at one row and uses "lut" otherwise (with 8 rows' accumulators live the
+#   tree spills on sm_90).
 INT_DECODES = {"cvt": 0, "magic": 1}
+NF4_DECODES = {"lut": 0, "select": 1, "prmt": 2}  # the deferred kernel's NF4_DECODE constants
 ONE_ROW = env_choice("LLMOPT_GEMV_ONE_ROW", "deferred", ("deferred", "reduce"))
 INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", tuple(INT_DECODES))
-NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "lut", ("lut", "select"))
+NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "prmt", tuple(NF4_DECODES))
 
 
 def gpu_kernel_choice() -> str:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 import llmopt.kernels
-from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, ONE_ROW
+from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, NF4_DECODES, ONE_ROW
 from llmopt.quant.kernels import INT_DECODES as DECODES
 from llmopt.quant.primitives import nf4_codebook
 
@@ -193,6 +193,89 @@ def _nf4_select(c):
     return tl.where(b3, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
 
 
+def nf4_byte_tables() -> tuple[list[int], list[int]]:
+    """The 16 NF4 levels rounded to bfloat16, split into two tables of 16 bytes (high bytes,
+    low bytes), each packed little-endian into four 32-bit words: word w, byte b holds level
+    4w + b. ``prmt`` (byte permute) looks up four codes of a word at once in such a table."""
+    bits = nf4_codebook().to(torch.bfloat16).view(torch.int16).int() & 0xFFFF
+    def words(bytes_: list[int]) -> list[int]:
+        return [sum(bytes_[4 * w + b] << (8 * b) for b in range(4)) for w in range(4)]
+    return words([(v >> 8) & 0xFF for v in bits.tolist()]), words([v & 0xFF for v in bits.tolist()])
+
+
+def _nf4_prmt_asm() -> str:
+    """PTX that turns one int32 of eight NF4 codes (code j at bits 4j..4j+3) into the eight
+    levels as float32 bit patterns ($0..$7), with byte permutes instead of a codebook load per
+    weight. Per four codes and per byte table: a permute into the table's first 8 entries and one
+    into its last 8 (selector: the codes' low three bits), and a third picking, byte by byte,
+    between the two by the codes' bit 3 (selector 0x3210, plus 4 where bit 3 is set). Then the
+    high and low bytes are interleaved into two bfloat16 pairs, whose halves shift or mask into
+    float32: 29 integer instructions per eight weights, no memory access."""
+    hi, lo = nf4_byte_tables()
+    lines = ["{", ".reg .b32 s, sh, a, b, hh, ll, w;",
+             "and.b32 s, $8, 0x77777777;",               # codes' low three bits
+             "and.b32 sh, $8, 0x88888888;",
+             "shr.u32 sh, sh, 1;",                       # bit 3 -> 4 in each nibble
+             "or.b32 sh, sh, 0x32103210;"]
+    for half in range(2):
+        if half:
+            lines += ["shr.u32 s, s, 16;", "shr.u32 sh, sh, 16;"]  # prmt reads selector bits 0-15
+        for table, dst in ((hi, "hh"), (lo, "ll")):
+            lines += [f"prmt.b32 a, {table[0]:#010x}, {table[1]:#010x}, s;",
+                      f"prmt.b32 b, {table[2]:#010x}, {table[3]:#010x}, s;",
+                      f"prmt.b32 {dst}, a, b, sh;"]
+        o = 4 * half
+        for pair, sel in ((0, "0x5140"), (1, "0x7362")):  # [lo0 hi0 lo1 hi1], [lo2 hi2 lo3 hi3]
+            lines += [f"prmt.b32 w, ll, hh, {sel};",
+                      f"shl.b32 ${o + 2 * pair}, w, 16;",
+                      f"and.b32 ${o + 2 * pair + 1}, w, 0xffff0000;"]
+    return "\n".join(lines + ["}"])
+
+
+@triton.jit
+def _nf4_prmt(q):
+    """The eight NF4 levels (bfloat16-rounded, as float32 bits) of each int32 word of codes in q.
+    The PTX is ``_nf4_prmt_asm()`` written out: torch.compile copies a kernel's source into its
+    own module, so the kernel names no module-level constant (a test checks the two agree)."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 s, sh, a, b, hh, ll, w;
+        and.b32 s, $8, 0x77777777;
+        and.b32 sh, $8, 0x88888888;
+        shr.u32 sh, sh, 1;
+        or.b32 sh, sh, 0x32103210;
+        prmt.b32 a, 0xbebfbfbf, 0x00bdbebe, s;
+        prmt.b32 b, 0x3e3e3e3d, 0x3f3f3f3e, s;
+        prmt.b32 hh, a, b, sh;
+        prmt.b32 a, 0xca063280, 0x00ba3d92, s;
+        prmt.b32 b, 0xad7c25a3, 0x803910e2, s;
+        prmt.b32 ll, a, b, sh;
+        prmt.b32 w, ll, hh, 0x5140;
+        shl.b32 $0, w, 16;
+        and.b32 $1, w, 0xffff0000;
+        prmt.b32 w, ll, hh, 0x7362;
+        shl.b32 $2, w, 16;
+        and.b32 $3, w, 0xffff0000;
+        shr.u32 s, s, 16;
+        shr.u32 sh, sh, 16;
+        prmt.b32 a, 0xbebfbfbf, 0x00bdbebe, s;
+        prmt.b32 b, 0x3e3e3e3d, 0x3f3f3f3e, s;
+        prmt.b32 hh, a, b, sh;
+        prmt.b32 a, 0xca063280, 0x00ba3d92, s;
+        prmt.b32 b, 0xad7c25a3, 0x803910e2, s;
+        prmt.b32 ll, a, b, sh;
+        prmt.b32 w, ll, hh, 0x5140;
+        shl.b32 $4, w, 16;
+        and.b32 $5, w, 0xffff0000;
+        prmt.b32 w, ll, hh, 0x7362;
+        shl.b32 $6, w, 16;
+        and.b32 $7, w, 0xffff0000;
+        }
+        """,
+        "=r,=r,=r,=r,=r,=r,=r,=r,r", [q], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+
+
 @triton.jit
 def _add_row(acc, contrib, rows, m):
     """acc [BLOCK_M, BN] with contrib [BN] added to row m (a register tile has no row store)."""
@@ -322,12 +405,14 @@ def _nibble_float(word, nib, P: tl.constexpr):
 def _packed_gemv1(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, nib,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, NF4_SELECT: tl.constexpr, INT_DECODE: tl.constexpr, PDL: tl.constexpr = False,
+    SPLIT_K: tl.constexpr, NF4_DECODE: tl.constexpr, INT_DECODE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One row x [K] against 4-bit codes [K/8, N] (int4 or nf4) into a zeroed float32 out [N]
     (split-K partial sums added atomically). A tile is [BLOCK_K/8, BLOCK_N] int32 words; code j
     of each word (k = 8 * row + j) is taken out by a static loop over j, so every weight stays in
-    the register where its word was loaded. ``nib``: 15 (see ``_nibble_float``)."""
+    the register where its word was loaded. ``nib``: 15 (see ``_nibble_float``). NF4_DECODE: the
+    NF4 levels loaded from the codebook (0), picked by selects (1) or by byte permutes (2, see
+    ``_nf4_prmt_asm``)."""
     R: tl.constexpr = BLOCK_K // 8  # word rows per tile
     if PDL:  # a programmatic dependent launch: the kernel before may still be running
         tl.extra.cuda.gdc_wait()
@@ -359,6 +444,8 @@ def _packed_gemv1(
             # each code at bits 12-15 (P = 3: odd codes) or 16-19 (P = 4: even codes) of one of
             # five words: 0 of q << 16, 1-2 of q << 8, 3-4 of q, 5-6 of q >> 8, 7 of q >> 16
             words = (q << 16, q << 8, q << 8, q, q, q >> 8, q >> 8, q >> 16)
+        if FMT == 2 and NF4_DECODE == 2:  # all eight levels of each word at once
+            levels = _nf4_prmt(q)
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + rows * 8 + j, mask=rmask, other=0.0).to(tl.float32)  # [R]
             if FMT == 1:
@@ -370,7 +457,9 @@ def _packed_gemv1(
                     xo += xj
                 else:
                     xe += xj
-            elif NF4_SELECT:
+            elif NF4_DECODE == 2:
+                w = levels[j].to(tl.float32, bitcast=True)
+            elif NF4_DECODE == 1:
                 w = _nf4_select((q >> (4 * j)) & 0xF)
             else:
                 w = tl.load(lut_ptr + ((q >> (4 * j)) & 0xF))
@@ -440,7 +529,7 @@ ONE_ROW_TILES = {
 
 
 _packed_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["packed"]),
-                                       key=["N", "K", "FMT", "GROUP", "NF4_SELECT", "INT_DECODE"],
+                                       key=["N", "K", "FMT", "GROUP", "NF4_DECODE", "INT_DECODE"],
                                        reset_to_zero=["out_ptr"])(_packed_gemv1)
 _rowmajor_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["rowmajor"]),
                                          key=["N", "K", "FMT", "INT_DECODE"])(_rowmajor_gemv1)
@@ -457,7 +546,7 @@ _rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv
                                              key=_GEMV_KEY)(_rowmajor_gemv)
 
 def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-           fmt: int, group: int, select: bool, dec: int, pdl: bool) -> torch.Tensor:
+           fmt: int, group: int, nf4_dec: int, dec: int, pdl: bool) -> torch.Tensor:
     """One row x2 [1, K] through the deferred-sum kernels; out [N] in x2's dtype."""
     k = x2.shape[-1]
     launch = {"launch_pdl": True} if pdl else {}  # not passed otherwise: dynamo traces the plain call
@@ -466,7 +555,7 @@ def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, 
         out = torch.zeros((n,), device=x2.device, dtype=torch.float32)
         _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
-            NF4_SELECT=select, INT_DECODE=dec, PDL=pdl, **launch)
+            NF4_DECODE=nf4_dec, INT_DECODE=dec, PDL=pdl, **launch)
         return out.to(x2.dtype)
     n = w.shape[0]
     out = torch.empty((n,), device=x2.device, dtype=x2.dtype)
@@ -477,15 +566,15 @@ def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, 
 
 @torch.library.custom_op("llmopt::gemv1", mutates_args=())
 def gemv1_pdl_op(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-                 fmt: int, group: int, select: bool, dec: int) -> torch.Tensor:
+                 fmt: int, group: int, nf4_dec: int, dec: int) -> torch.Tensor:
     """The one-row kernels as programmatic dependent launches, opaque to torch.compile so that
     Triton's launcher (which takes ``launch_pdl``) starts them rather than inductor's."""
-    return _gemv1(x2, w, s, z, lut, fmt, group, select, dec, True)
+    return _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, True)
 
 
 @gemv1_pdl_op.register_fake
 def _(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-      fmt: int, group: int, select: bool, dec: int) -> torch.Tensor:
+      fmt: int, group: int, nf4_dec: int, dec: int) -> torch.Tensor:
     n = w.shape[1] if fmt in (FMT_INT4, FMT_NF4) else w.shape[0]
     return x2.new_empty((n,))
 
@@ -506,14 +595,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
         x2 = x2.contiguous()
     m = x2.shape[0]
     block_m = triton.next_power_of_2(m)
-    select = (nf4_decode or NF4_DECODE) == "select"
+    nf4_dec = NF4_DECODES[nf4_decode or NF4_DECODE]
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
         if llmopt.kernels.KERNEL_PDL if pdl is None else pdl:
-            out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, select, dec)
+            out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, nf4_dec, dec)
         else:
-            out = _gemv1(x2, w, s, z, lut, fmt, group, select, dec, False)
+            out = _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, False)
         return out.reshape(*x.shape[:-1], n)
     if not packed:  # one kernel, storing x's dtype
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -527,7 +616,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     kern = _packed_gemv_kernel if m == 1 else _packed_gemv_rows_kernel
     kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x2, w, s, z, lut, out, m, n, k, x2.stride(0), FMT=fmt, GROUP=group, BLOCK_M=block_m,
-        NF4_SELECT=select and m == 1)  # at 8 rows the selects spill (sm_90)
+        NF4_SELECT=nf4_dec == NF4_DECODES["select"] and m == 1)  # at 8 rows the selects spill (sm_90); prmt: one-row kernel only
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
