@@ -2,7 +2,7 @@
 # Issue 3 on the GPU: gpu tests, then `llmopt bench` on random-weight presets. Results in $OUT.
 # Usage (device tool): bash bench/device/decode.sh RUN [RUN ...]   (RUN names below; "tests" runs pytest)
 # RUN+regional: the same run with --compile-mode regional (its JSON is RUN_regional.json);
-# RUN+fused, RUN%V, RUN@K: see the loop below; together in the order RUN[+regional][+fused][%V][@K]
+# RUN+fused, RUN+unfused, RUN%V, RUN@K: see the loop below; together in the order RUN[+regional][+fused|+unfused][%V][@K]
 # BENCH_FLAGS: added to every bench run (e.g. --debug: tracebacks in log.txt)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
@@ -45,8 +45,10 @@ for r in "$@"; do
             det) export TORCHINDUCTOR_DETERMINISTIC=1 ;; *) echo "unknown variant $v"; continue ;; esac ;;
     esac
     case $r in *+regional) r=${r%+regional} name=${name/+regional/_regional} EXTRA="--compile-mode regional" ;; esac
-    # RUN+fused: with --fuse-projections (q/k/v and gate/up joined; quantised ones too)
-    case $r in *+fused) r=${r%+fused} name=${name/+fused/_fused} EXTRA="$EXTRA --fuse-projections" ;; esac
+    # RUN+fused: with --fuse-projections (q/k/v and gate/up joined; the default for quantised
+    # models since the eleventh session); RUN+unfused: with --no-fuse-projections
+    case $r in *+fused) r=${r%+fused} name=${name/+fused/_fused} EXTRA="$EXTRA --fuse-projections" ;;
+        *+unfused) r=${r%+unfused} name=${name/+unfused/_unfused} EXTRA="$EXTRA --no-fuse-projections" ;; esac
     # DEADLINE_S: skip runs that would not finish inside the device call
     if [ -n "${DEADLINE_S:-}" ] && [ $((SECONDS - T0 + EST)) -gt "$DEADLINE_S" ]; then
         echo "=== $r skipped: deadline" | tee -a "$OUT/log.txt"; continue
