@@ -49,22 +49,12 @@ def _barrier(tp: TPContext | None) -> None:
         tp.barrier()
 
 
-def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30, iters: int = 10) -> float | None:
-    """Device-to-device copy bandwidth, bytes read plus written per second (TB/s)."""
-    if dev.type != "cuda":
-        return None
-    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        b.copy_(a)
-    _sync(dev)
-    dt = time.perf_counter() - t0
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * nbytes * iters / dt / 1e12
+def copy_bandwidth(dev: torch.device) -> float | None:
+    """The device's copy bandwidth in TB/s (bytes read plus written), measured as ``llmopt
+    bench`` measures it (``llmopt.devices.copy_bandwidth``); None off GPUs."""
+    from llmopt.devices import copy_bandwidth as measure
+
+    return measure(dev) / 1e12 if dev.type == "cuda" else None
 
 
 def _env_info() -> dict[str, Any]:
@@ -254,19 +244,11 @@ def _profile_dir(
     return Path(root) / f"{name}_tp{tp.world_size if tp else 1}_{mode}_{ar}_rank{rank}"
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads from weights: all but the embedding table (one row of it)."""
-    emb = model.model.embed_tokens.weight
-    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
-    total = sum(t.numel() * t.element_size() for t in unique.values())
-    tied = model.lm_head.weight is emb
-    return total - (0 if tied else emb.numel() * emb.element_size())
-
-
 def bench_decode(
     args: argparse.Namespace, tp: TPContext | None, save: Callable[[list[dict[str, Any]]], None]
 ) -> list[dict[str, Any]]:
     from llmopt.attention.base import resolve_backend_name
+    from llmopt.bench.latency import weight_bytes_read_per_token
     from llmopt.devices import resolve_device, resolve_dtype
     from llmopt.loading.loader import load_model
     from llmopt.parallel.loading import load_sharded
@@ -294,7 +276,7 @@ def bench_decode(
         model = loaded.model
         attention = resolve_backend_name(args.attention, dev)  # auto: as llmopt bench
         model.set_attention_backend(attention)
-        wbytes = _weight_bytes(model)
+        wbytes = weight_bytes_read_per_token(model)  # as llmopt bench counts them
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, loaded.config.vocab_size, (1, args.prompt_len), generator=gen).to(
             dev
