@@ -5,6 +5,7 @@
 #        bash bench/device/ab_pair.sh RUN [RUN ...]      (RUN names: decode.sh)
 #   AB_A / AB_B: VAR=VALUE[,VAR=VALUE...] exported for GPU 0 / GPU 1 (empty: the defaults).
 set -uo pipefail
+source bench/device/settings.sh
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -16,8 +17,7 @@ fi
 side() {  # gpu, settings, folder, runs...
     local gpu=$1 settings=$2 dir=$3; shift 3
     (
-        IFS=, read -r -a kv <<< "$settings"
-        for x in "${kv[@]}"; do [ -n "$x" ] && export "${x?}"; done
+        export_settings "$settings"
         CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$dir" LLMOPT_CACHE=/tmp/llmopt-cache-$dir TAR=1 \
             bash bench/device/decode.sh "$@" > "$OUT/$dir.txt" 2>&1
     )

@@ -7,6 +7,7 @@
 #   applies to the first entry only (the GPU tests run once). The time left is split evenly
 #   between the entries still to run.
 set -uo pipefail
+source bench/device/settings.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -22,8 +23,7 @@ for i in "${!entries[@]}"; do
     share=$(( (left - tests) / (n - i) + tests ))
     echo "##### $name ($settings): $share s" | tee -a "$OUT/summary.txt"
     (
-        IFS=, read -r -a kv <<< "$settings"
-        for x in "${kv[@]}"; do [ -n "$x" ] && export "${x?}"; done
+        export_settings "$settings"
         OUT="$OUT/$name" TEST_S=$tests TP_BENCH_BUDGET=$share TP_PLAN=regional bash bench/device/tp.sh
     ) > "$OUT/$name.log" 2>&1
     tail -n 12 "$OUT/$name.log"
