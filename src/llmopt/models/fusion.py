@@ -72,4 +72,3 @@ def fuse_by_default(model: nn.Module, device: torch.device) -> bool:
     attn = layers[0].self_attn
     q = attn.qkv_proj if attn.qkv_proj is not None else getattr(attn, "q_proj", None)
     return isinstance(q, QuantLinear)
-

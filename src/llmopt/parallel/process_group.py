@@ -313,12 +313,12 @@ def shutdown_tp(barrier: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
         try:
             store, rank, world = None, dist.get_rank(), dist.get_world_size()
-            if barrier:
+            if barrier:  # (not after a failure: a failed rank's peers may never finish)
                 store = dist.distributed_c10d._get_default_store()
                 _store_barrier(store, world, _timeout().total_seconds())
                 log.info("rank %d: every rank finished; leaving the group", rank)
-            if barrier and torch.cuda.is_initialized():  # (a failed rank's peers may never finish)
-                torch.cuda.synchronize()
+                if torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
             n = release_cuda_graphs()  # graphs that captured collectives would block the destroy
             log.info("rank %d: %d CUDA graphs (and compile's graph trees) released", rank, n)
             dist.destroy_process_group()
