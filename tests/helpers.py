@@ -41,6 +41,25 @@ def sharp_int4_tiny(device: str | torch.device, dtype: torch.dtype, spec: str) -
     return quantize_(model, spec)
 
 
+def assert_greedy_up_to_ties(model: Any, prompt: list[int], tokens: list[int], tol: float = 0.1) -> None:
+    """``tokens``, a greedy continuation of ``prompt`` from another run of ``model`` (other
+    kernels, sums split or ordered otherwise: the same model up to rounding), are ``model``'s own
+    greedy choices up to near ties: teacher-forced through ``model`` eagerly, each one's logit is
+    within ``tol`` standard deviations of that position's logits of the best. Exact token
+    equality would ask rounding to agree: with float atomics in split-K kernels it need not even
+    agree between two runs of one kernel, and one flipped near tie changes every later token.
+    A wrong kernel gives gaps of whole standard deviations."""
+    model.clear_caches()
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt + tokens[:-1]], device=dev)
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:].float()  # [len(tokens), V]
+    picked = logits.gather(-1, torch.tensor(tokens, device=dev)[:, None])[:, 0]
+    gaps = (logits.max(-1).values - picked) / logits.std(-1)
+    worst = int(gaps.argmax())
+    assert gaps[worst].item() <= tol, f"token {worst} ({tokens[worst]}) is {gaps[worst].item():.3f} std below the best"
+
+
 def make_hf_model(variant: str, seed: int = 0) -> Any:
     import transformers
 

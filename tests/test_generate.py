@@ -254,6 +254,42 @@ def test_pdl_setting_follows_the_model_and_the_environment(monkeypatch) -> None:
         use_pdl(model)
 
 
+def test_kernel_pdl_follows_the_formats_the_device_and_the_environment(monkeypatch) -> None:
+    """LLMOPT_KERNEL_PDL ``auto``: llmopt's kernels run as PDL launches only for models whose
+    quantised linears are all int8 per channel or weight-only fp8, and only on a GPU (so never
+    for this CPU model); "1"/"0" force it; each compile's options set the flag the kernels read;
+    a bad value is a UserError."""
+    import llmopt.kernels
+    from llmopt.engine.compile import _row_major_one_row_formats, inductor_options, kernel_pdl
+    from llmopt.quant import quantize_
+
+    def tiny(spec: str | None):
+        model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=3)
+        return quantize_(model, spec) if spec else model
+
+    expected = {None: False, "int8": True, "fp8": True, "int8-g32": False, "int4-g32": False, "nf4": False}
+    for spec, want in expected.items():
+        assert _row_major_one_row_formats(tiny(spec)) is want, spec
+    mixed = tiny(None)
+    quantize_(mixed.model.layers[0], "int8")
+    quantize_(mixed.model.layers[1], "nf4")
+    assert not _row_major_one_row_formats(mixed)
+    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", llmopt.kernels.KERNEL_PDL)  # restored after
+    monkeypatch.delenv("LLMOPT_KERNEL_PDL", raising=False)
+    model = tiny("int8")
+    assert not kernel_pdl(model)  # auto, on a CPU
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
+    assert kernel_pdl(model) and kernel_pdl(tiny("nf4"))
+    inductor_options(model)
+    assert llmopt.kernels.KERNEL_PDL is True
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "0")
+    inductor_options(model)
+    assert llmopt.kernels.KERNEL_PDL is False
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "sometimes")
+    with pytest.raises(UserError, match="LLMOPT_KERNEL_PDL"):
+        kernel_pdl(model)
+
+
 def test_tensor_parallel_ranks_on_gpus_pick_kernels_without_timing(monkeypatch) -> None:
     """Under tensor parallelism on GPUs (LLMOPT_TP_TUNING ``heuristic``, the default) each
     compile runs in inductor's deterministic mode, so every rank picks the same kernel configs;

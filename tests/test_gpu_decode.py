@@ -173,25 +173,56 @@ def test_dense_gemv_swap_matches_linear_and_decodes_the_same() -> None:
 def test_fused_quantised_projections_decode_the_same(spec: str) -> None:
     """--fuse-projections on a quantised model on the GPU (the joined int4 module rebuilds its
     tinygemm copy): logits at one row match the unfused model, and compiled batch-1 greedy
-    decode gives the unfused model's tokens."""
-    from tests.helpers import sharp_int4_tiny
+    decode gives the unfused model's greedy tokens up to near ties (the joined matmul's kernel
+    sums in another order: other tiles, another split of K)."""
+    import copy
+
+    from tests.helpers import assert_greedy_up_to_ties, sharp_int4_tiny
 
     model = sharp_int4_tiny("cuda", torch.bfloat16, spec)
+    unfused = copy.deepcopy(model)
     dev = torch.device("cuda")
-    prompt = [[5, 6, 7, 8]]
+    prompt = [5, 6, 7, 8]
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     ids = torch.tensor([[5]], device=dev)
     with torch.no_grad():
         ref_logits = model(ids).float()
-    ref = Generator(model, None, dev).generate(prompt, params)[0].token_ids
-    model.clear_caches()
     gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256,
                     fuse_projections=True)
     assert model.model.layers[0].self_attn.qkv_proj is not None
+    assert unfused.model.layers[0].self_attn.qkv_proj is None
     if spec.startswith("int4"):
         assert model.model.layers[0].mlp.gate_up_proj.tg_weight is not None
-    assert gen.generate(prompt, params)[0].token_ids == ref
+    assert_greedy_up_to_ties(unfused, prompt, gen.generate([prompt], params)[0].token_ids)
     model.clear_caches()
     with torch.no_grad():
         got = model(ids).float()
     assert ((got - ref_logits).norm() / ref_logits.norm()).item() < 1e-2
+
+
+def test_kernel_pdl_auto_on_a_gpu(monkeypatch) -> None:
+    """LLMOPT_KERNEL_PDL unset (auto) on a Hopper GPU: compiling an int8 model turns llmopt's
+    kernels into PDL launches, and its compiled greedy decode keeps the eager model's tokens up
+    to near ties; an NF4 model's compile turns them off again."""
+    import copy
+
+    from tests.helpers import assert_greedy_up_to_ties, sharp_int4_tiny
+
+    import llmopt.kernels
+    from llmopt.engine.compile import kernel_pdl
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    monkeypatch.delenv("LLMOPT_KERNEL_PDL", raising=False)
+    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", llmopt.kernels.KERNEL_PDL)  # restored after
+    model = sharp_int4_tiny("cuda", torch.bfloat16, "int8")
+    unfused = copy.deepcopy(model)
+    dev = torch.device("cuda")
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
+    assert llmopt.kernels.KERNEL_PDL is True
+    assert_greedy_up_to_ties(unfused, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
+    nf4 = sharp_int4_tiny("cuda", torch.bfloat16, "nf4")
+    assert not kernel_pdl(nf4)
+    Generator(nf4, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
+    assert llmopt.kernels.KERNEL_PDL is False

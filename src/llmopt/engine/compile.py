@@ -20,6 +20,7 @@ COMPILE_MODES = ("auto", "reduce-overhead", "regional", "max-autotune", "max-aut
 # one CUDA graph by engine.cuda_graph.CapturedStep.
 _configured = False
 PDL_CHOICES = ("auto", "1", "0")  # LLMOPT_PDL (``use_pdl``)
+RECOMPILE_LIMIT = 64  # compiled entries per code object (``configure_inductor``)
 TP_TUNING_CHOICES = ("heuristic", "timed")  # LLMOPT_TP_TUNING (``same_kernels_on_every_rank``)
 
 
@@ -66,6 +67,14 @@ def configure_inductor() -> None:
     env_choice("LLMOPT_PDL", "auto", PDL_CHOICES)  # read per model (use_pdl); checked on every compile
     env_choice("LLMOPT_TP_TUNING", "heuristic", TP_TUNING_CHOICES)  # same_kernels_on_every_rank
     inductor_config.triton.unique_kernel_names = True
+    # The regional compile wraps every layer's ``_call_impl``, one code object shared by every
+    # module: each model compiled in a process (a quantised one and its reference, a draft, a
+    # test session) adds an entry under it, and with fullgraph=True dynamo's default limit of 8
+    # is a hard failure at the ninth.
+    import torch._dynamo.config as dynamo_config
+
+    if hasattr(dynamo_config, "recompile_limit"):
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
     _configured = True
@@ -90,16 +99,51 @@ def use_pdl(model: Any) -> bool:
     234.8-254.7 tok/s over four compiles (median 241.2), against 216.3-231.4 over three (median
     227.0) with neither. Next to kernels inductor does not generate, which are not PDL launches,
     it lost: int4-g128 325.3 against 334.1, int8 279.6 against 286.5. So ``auto`` (default) turns
-    it on only for models without them, or where LLMOPT_KERNEL_PDL=1 makes llmopt's own kernels
+    it on only for models without them, or where ``kernel_pdl(model)`` makes llmopt's own kernels
     PDL launches too (torch's int4 kernel, tinygemm, never is); "1" and "0" force it."""
     from llmopt.errors import env_choice
 
     choice = env_choice("LLMOPT_PDL", "auto", PDL_CHOICES)
     if choice != "auto" or model is None:
         return choice == "1"
-    from llmopt.kernels import KERNEL_PDL
+    return kernel_pdl(model) or not _has_opaque_kernels(model)
 
-    return KERNEL_PDL or not _has_opaque_kernels(model)
+
+def kernel_pdl(model: Any) -> bool:
+    """LLMOPT_KERNEL_PDL for a compile of ``model``: whether llmopt's own decode kernels run as
+    programmatic dependent launches. "1" and "0" force it. ``auto`` (default) turns it on where
+    it measured faster: on one Hopper-or-later GPU, for models whose weight-only linears are all
+    int8 per channel or fp8 (weight-only), the formats with the row-major one-row kernel. 7B,
+    batch 1, fused projections, on and off on the same H200 (bench/results/decode/h200_s12*):
+    int8 348.0 tok/s against 318.2 and 329.0 against 311.4 on a second machine, fp8 363.6
+    against 342.7 and 343.3 against 334.1. Elsewhere it lost or did not gain: nf4 276.1 against
+    288.4, int4 (torch's tinygemm, never a PDL launch) 332.2 against 357.9 to 370.5, bf16 at
+    80.9% of roofline against 80.7%."""
+    import torch
+
+    from llmopt.errors import env_choice
+    from llmopt.kernels import KERNEL_PDL_CHOICES
+
+    choice = env_choice("LLMOPT_KERNEL_PDL", "auto", KERNEL_PDL_CHOICES)
+    if choice != "auto":
+        return choice == "1"
+    param = next(model.parameters(), None) if model is not None else None
+    if param is None or param.device.type != "cuda" or _sharded():
+        return False
+    if torch.cuda.get_device_capability(param.device) < (9, 0):
+        return False
+    return _row_major_one_row_formats(model)
+
+
+def _row_major_one_row_formats(model: Any) -> bool:
+    """Whether ``model`` is weight-only quantised and every quantised linear is int8 per channel
+    or weight-only fp8 (the formats ``kernel_pdl`` turns PDL on for)."""
+    from llmopt.quant.linear import FP8Linear, Int8Linear, QuantLinear
+
+    quantised = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return bool(quantised) and all(
+        (type(m) is Int8Linear and not m.group_size) or (type(m) is FP8Linear and m.mode == "dequant")
+        for m in quantised)
 
 
 def _sharded() -> bool:
@@ -134,13 +178,18 @@ def same_kernels_on_every_rank() -> bool:
 
 def inductor_options(model: Any, mode: str | None = None) -> dict[str, Any]:
     """Per-compile inductor settings (``torch.compile(options=...)``): those of ``mode`` (which
-    ``options`` replaces), programmatic dependent launch where ``use_pdl(model)``, and under
+    ``options`` replaces), programmatic dependent launch where ``use_pdl(model)`` (and, for
+    llmopt's own kernels, ``llmopt.kernels.KERNEL_PDL`` set to ``kernel_pdl(model)``), and under
     tensor parallelism on GPUs the untimed kernel choice of ``same_kernels_on_every_rank``. On
     torch builds without ``triton.enable_pdl`` (or ``deterministic``) the setting is left out."""
     import torch._inductor
     import torch._inductor.config as inductor_config
 
+    import llmopt.kernels
+
     opts = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    # read by llmopt's kernels when the compiled code is traced (right after this, at the first call)
+    llmopt.kernels.KERNEL_PDL = kernel_pdl(model)
     if hasattr(inductor_config.triton, "enable_pdl"):
         opts["triton.enable_pdl"] = use_pdl(model)
     if hasattr(inductor_config, "deterministic") and same_kernels_on_every_rank():
@@ -158,6 +207,7 @@ def inductor_settings(model: Any) -> dict[str, bool]:
     configure_inductor()
     return {
         "pdl": hasattr(inductor_config.triton, "enable_pdl") and use_pdl(model),
+        "kernel_pdl": kernel_pdl(model),
         "same_kernels_on_every_rank": same_kernels_on_every_rank(),
         "autotune_pointwise": bool(inductor_config.max_autotune_pointwise),
         "coordinate_descent": bool(inductor_config.coordinate_descent_tuning),
