@@ -163,3 +163,25 @@ def test_bad_compile_setting_is_one_line(name: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert name in lines[0] and "bogus" in lines[0]
+
+
+def test_bench_table_says_which_kernels_are_pdl_launches() -> None:
+    """A compiled GPU run's table names the programmatic-dependent-launch settings it ran with
+    (inductor's kernels, llmopt's own); a run without them (CPU, eager) has no such row."""
+    from llmopt.bench.latency import BenchResult, format_table
+
+    def result(extra: dict) -> BenchResult:
+        return BenchResult(
+            model="preset:llama-2-7b", random_weights=True, device="NVIDIA H200", dtype="bfloat16",
+            attention="triton", compile=True, compile_mode="regional", compile_prefill=False,
+            fuse_projections=True, quant="int8", config={"batch_size": 1, "prompt_len": 5, "new_tokens": 200},
+            runs=[], decode_tokens_per_s=300.0, total_tokens_per_s=300.0, ttft_s=0.04,
+            prefill_tokens_per_s=100.0, weight_bytes=6_700_000_000, kv_bytes_per_step=1e6,
+            achieved_gb_per_s=2000.0, copy_gb_per_s=None, roofline_tokens_per_s=None,
+            roofline_fraction=None, memory={}, load_s=1.0, first_run_s=2.0, compile_s=None,
+            start_to_first_token_s=3.0, start_to_first_run_done_s=4.0, versions={}, extra=extra)
+
+    table = format_table(result({"pdl": {"inductor": True, "llmopt": False}}))
+    row = next(line for line in table.splitlines() if line.startswith("PDL launches"))
+    assert row.split(None, 2)[2] == "inductor's kernels on, llmopt's kernels off"
+    assert "PDL" not in format_table(result({}))

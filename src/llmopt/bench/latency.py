@@ -238,6 +238,8 @@ def format_table(r: BenchResult) -> str:
         ("device / dtype", f"{r.device} / {r.dtype}"),
         ("attention / compile", f"{r.attention} / {r.compile_mode if r.compile else 'eager'}"),
         ("quantisation", (r.quant or "none") + (", q/k/v and gate/up fused" if r.fuse_projections else "")),
+        *([("PDL launches", ", ".join(f"{who}'s kernels {'on' if on else 'off'}" for who, on in r.extra["pdl"].items()))]
+          if "pdl" in r.extra else []),
         *([("tensor parallel", f"{r.extra['tp']} ranks, {r.extra['allreduce']} all-reduce "
                                "(bandwidth and roofline per rank)")] if "tp" in r.extra else []),
         ("batch x prompt + new", f"{r.config['batch_size']} x {r.config['prompt_len']} + {r.config['new_tokens']}"),

@@ -87,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
                             allreduce=tp.backend if tp.allreduce == "nccl" else tp.allreduce)
         if not tp.is_main:
             return 0  # only rank 0 reports
+    settings = None
+    if args.compile and lm.device.type == "cuda":
+        from llmopt.engine.compile import inductor_settings
+
+        settings = inductor_settings(lm.model)
+        result.extra["pdl"] = {"inductor": settings["pdl"], "llmopt": settings["kernel_pdl"]}
     print(format_table(result))
     if args.json_path:
         out = result.as_dict()
@@ -95,10 +101,8 @@ def run(args: argparse.Namespace) -> int:
         out["command"] = "llmopt " + " ".join(sys.argv[1:])
         # switches that change what runs (kernel choice, tuning) belong with the number
         out["env"] = settings_env()
-        if args.compile and lm.device.type == "cuda":
-            from llmopt.engine.compile import inductor_settings
-
-            out["inductor_settings"] = inductor_settings(lm.model)
+        if settings is not None:
+            out["inductor_settings"] = settings
         if args.dense_gemv:
             out["dense_gemv_modules"] = swapped
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
