@@ -561,3 +561,25 @@ def test_one_row_kernels_name_no_module_constants() -> None:
             assert isinstance(called, triton.runtime.jit.JITFunction), (fn.fn.__name__, ins.argval)
             todo.append(called)
     assert {"_nf4_prmt", "_nf4_select", "_nibble_float", "_split_range"} <= seen
+
+
+def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
+    """The opaque PDL op of the one-row kernels returns the packed formats' float32 split-K sums
+    (the cast to the activation dtype follows it in the traced graph, where inductor joins it to
+    the next kernel) and the row-major formats' output in the activation dtype: the op's fake
+    (what torch.compile traces with) says so for every format."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from llmopt.quant.kernels import triton_wo as T
+
+    k, n = 256, 96
+    with FakeTensorMode():
+        x2 = torch.empty(1, k, dtype=torch.bfloat16)
+        packed = torch.empty(k // 8, n, dtype=torch.int32)
+        rowmajor = torch.empty(n, k, dtype=torch.int8)
+        s = torch.empty(n, dtype=torch.bfloat16)
+        for fmt, w, dtype in ((T.FMT_NF4, packed, torch.float32), (T.FMT_INT4, packed, torch.float32),
+                              (T.FMT_INT8, rowmajor, torch.bfloat16), (T.FMT_FP8, rowmajor, torch.bfloat16)):
+            out = T.gemv1_pdl_op(x2, w, s, s, s, fmt, 64, 2, 0)
+            assert out.shape == (n,) and out.dtype == dtype, fmt

@@ -547,7 +547,9 @@ _rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv
 
 def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
            fmt: int, group: int, nf4_dec: int, dec: int, pdl: bool) -> torch.Tensor:
-    """One row x2 [1, K] through the deferred-sum kernels; out [N] in x2's dtype."""
+    """One row x2 [1, K] through the deferred-sum kernels: out [N], the packed formats' float32
+    split-K sums (the caller casts them, so that under torch.compile the cast joins the next
+    generated kernel even when this call is the opaque PDL op), the row-major ones' in x2's dtype."""
     k = x2.shape[-1]
     launch = {"launch_pdl": True} if pdl else {}  # not passed otherwise: dynamo traces the plain call
     if fmt in (FMT_INT4, FMT_NF4):
@@ -556,7 +558,7 @@ def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, 
         _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
             NF4_DECODE=nf4_dec, INT_DECODE=dec, PDL=pdl, **launch)
-        return out.to(x2.dtype)
+        return out
     n = w.shape[0]
     out = torch.empty((n,), device=x2.device, dtype=x2.dtype)
     _rowmajor_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
@@ -575,8 +577,9 @@ def gemv1_pdl_op(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Te
 @gemv1_pdl_op.register_fake
 def _(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
       fmt: int, group: int, nf4_dec: int, dec: int) -> torch.Tensor:
-    n = w.shape[1] if fmt in (FMT_INT4, FMT_NF4) else w.shape[0]
-    return x2.new_empty((n,))
+    if fmt in (FMT_INT4, FMT_NF4):
+        return x2.new_empty((w.shape[1],), dtype=torch.float32)
+    return x2.new_empty((w.shape[0],))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
@@ -603,7 +606,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
             out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, nf4_dec, dec)
         else:
             out = _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, False)
-        return out.reshape(*x.shape[:-1], n)
+        return out.to(x2.dtype).reshape(*x.shape[:-1], n)
     if not packed:  # one kernel, storing x's dtype
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         kern = _rowmajor_gemv_kernel if m == 1 else _rowmajor_gemv_rows_kernel
