@@ -34,3 +34,23 @@ def test_swap_shares_parameters_and_keeps_outputs() -> None:
 def test_swap_leaves_float32_and_non_linear_modules() -> None:
     model = random_model(preset_config("tiny"), torch.device("cpu"), torch.float32, seed=3)
     assert use_gemv_linears(model) == 0
+
+
+def test_swapped_projections_fuse_into_one_swapped_module() -> None:
+    """--dense-gemv then --fuse-projections: q/k/v and gate/up of swapped modules join into one
+    GemvLinear each (so the fused matmul still takes the one-row kernel on a GPU), and the
+    model's logits are those of the unfused swapped model."""
+    from llmopt.models.fusion import fuse_projections
+
+    cfg = preset_config("tiny").replace(qkv_bias=True)
+    model = random_model(cfg, torch.device("cpu"), torch.bfloat16, seed=4)
+    use_gemv_linears(model)
+    ids = torch.randint(3, 512, (1, 9))
+    with torch.no_grad():
+        ref = model(ids).float()
+        assert fuse_projections(model) == 2 * cfg.num_layers
+        got = model(ids).float()
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.qkv_proj) is GemvLinear and type(layer.mlp.gate_up_proj) is GemvLinear
+    assert layer.self_attn.qkv_proj.bias is not None
+    assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()

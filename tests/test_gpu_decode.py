@@ -226,3 +226,34 @@ def test_kernel_pdl_auto_on_a_gpu(monkeypatch) -> None:
     assert not kernel_pdl(nf4)
     Generator(nf4, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
     assert llmopt.kernels.KERNEL_PDL is False
+
+
+def test_dense_gemv_deferred_fused_pdl_decodes_the_same(monkeypatch) -> None:
+    """--dense-gemv with LLMOPT_DENSE_ONE_ROW=deferred, fused projections and
+    LLMOPT_KERNEL_PDL=1 (the combination the next bf16 measurement tries): the fused swapped
+    modules agree with F.linear at one row, and compiled greedy decode gives the plain model's
+    tokens up to near ties."""
+    import copy
+
+    from tests.helpers import assert_greedy_up_to_ties
+
+    import llmopt.kernels
+    import llmopt.models.gemv_linear as G
+
+    model = _tiny_cuda(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    monkeypatch.setattr(G, "DENSE_ONE_ROW", "deferred")
+    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", llmopt.kernels.KERNEL_PDL)  # restored after
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
+    assert G.use_gemv_linears(model) > 0
+    dev = torch.device("cuda")
+    gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256,
+                    fuse_projections=True)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert type(qkv) is G.GemvLinear
+    x = torch.randn(1, 1, qkv.in_features, device=dev, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, qkv.weight, qkv.bias).float()
+    assert ((qkv(x).float() - want).norm() / want.norm()).item() < 1e-2
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    assert_greedy_up_to_ties(plain, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
+    assert llmopt.kernels.KERNEL_PDL

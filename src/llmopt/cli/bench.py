@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "measured faster in every format; off for bf16, measured slower on an H200)")
     p.add_argument("--dense-gemv", action="store_true",
                    help="bf16/fp16 matmuls at batch 1 through llmopt's one-row Triton kernel "
-                        "instead of the compiler's or cuBLAS's (GPU; for experiments)")
+                        "instead of the compiler's or cuBLAS's (GPU; for experiments; "
+                        "LLMOPT_DENSE_ONE_ROW=reduce|deferred picks which one-row kernel)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
 

@@ -2,10 +2,10 @@
 gate/up into another. At batch 1 every matmul is a separate weight-streaming kernel with its own
 ramp-up and tail, so fewer, larger ones get closer to the memory bandwidth.
 
-Plain ``nn.Linear`` modules are fused by concatenating weights; weight-only quantised ones of
-one format and settings by concatenating their codes, scales and zeros
-(``QuantLinear.cat_outputs``), which runs the same kernels on the same codes, one launch instead
-of three or two. Sharded modules, and quantised ones that cannot be joined, are left as they are.
+Plain ``nn.Linear`` modules (and ``--dense-gemv``'s ``GemvLinear``) are fused by concatenating
+weights, into a module of their class; weight-only quantised ones of one format and settings by
+concatenating their codes, scales and zeros (``QuantLinear.cat_outputs``), which runs the same
+kernels on the same codes, one launch instead of three or two. Sharded modules, and quantised ones that cannot be joined, are left as they are.
 The fused model keeps its config; checkpoints are always written unfused.
 """
 
@@ -16,9 +16,10 @@ from torch import nn
 
 
 def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """Parts of one class (``nn.Linear``, or ``--dense-gemv``'s subclass) joined into that class."""
     w = torch.cat([p.weight for p in parts], dim=0)  # [sum(out), in]
     has_bias = parts[0].bias is not None
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
+    fused = type(parts[0])(w.shape[1], w.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(w, requires_grad=False)
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
@@ -27,9 +28,12 @@ def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
 
 def _cat(parts: list[nn.Module | None]) -> nn.Module | None:
     """One module for ``parts`` (same input, outputs side by side), or None if they cannot be."""
+    from llmopt.models.gemv_linear import GemvLinear
     from llmopt.quant.linear import QuantLinear
 
-    if all(type(m) is nn.Linear for m in parts):
+    if any(m is None for m in parts):
+        return None
+    if all(type(m) is nn.Linear for m in parts) or all(type(m) is GemvLinear for m in parts):
         return _cat_linear(parts)  # type: ignore[arg-type]
     if all(isinstance(m, QuantLinear) for m in parts):
         return QuantLinear.cat_outputs(parts)  # type: ignore[arg-type]

@@ -6,7 +6,14 @@ outputs, one kernel per matmul); any other input goes to ``F.linear`` as before.
 Alone on an H200, that kernel ran the 4096 x 4096 layer at 98% of the copy bandwidth against
 cuBLAS's 80% (``bench/results/decode/h200_s6a_wo_kernels.json``). Whether it beats the compiled
 decode step's own matmuls is for ``llmopt bench --dense-gemv`` to measure; the swap is opt-in
-until then. Quantised, fused or sharded modules are not plain ``nn.Linear`` and are left alone.
+until then. Quantised, fused or sharded modules are not plain ``nn.Linear`` and are left alone;
+swapped modules that read the same input can be fused afterwards (``models.fusion``).
+
+LLMOPT_DENSE_ONE_ROW, read and checked at import: which one-row kernel a swapped module's row
+takes. "reduce" (default; the seventh session's measurement, 221.3 tok/s against 224.0 without
+the swap) the few-row kernel, which sums each tile as it goes; "deferred" the deferred-sum kernel
+the quantised formats use at batch 1 (``triton_wo._rowmajor_gemv1``), which alone can be a
+programmatic dependent launch (LLMOPT_KERNEL_PDL=1). Not yet measured in the model.
 """
 
 from __future__ import annotations
@@ -14,6 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmopt.errors import env_choice
+
+DENSE_ONE_ROW = env_choice("LLMOPT_DENSE_ONE_ROW", "reduce", ("reduce", "deferred"))
 
 
 class GemvLinear(nn.Linear):
@@ -23,7 +34,7 @@ class GemvLinear(nn.Linear):
             from llmopt.quant.kernels.triton_wo import FMT_DENSE, gemv
 
             w = self.weight
-            y = gemv(x, w, w, w, w, FMT_DENSE, 1 << 30)  # scales, zeros and codebook unread
+            y = gemv(x, w, w, w, w, FMT_DENSE, 1 << 30, one_row=DENSE_ONE_ROW)  # scales, zeros, codebook unread
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
