@@ -257,10 +257,11 @@ def test_pdl_setting_follows_the_model_and_the_environment(monkeypatch) -> None:
 def test_kernel_pdl_follows_the_formats_the_device_and_the_environment(monkeypatch) -> None:
     """LLMOPT_KERNEL_PDL ``auto``: llmopt's kernels run as PDL launches only for models whose
     quantised linears are all int8 per channel or weight-only fp8, and only on a GPU (so never
-    for this CPU model); "1"/"0" force it; each compile's options set the flag the kernels read;
-    a bad value is a UserError."""
+    for this CPU model); "1"/"0" force it; a model's compiled layers run with the flag the
+    kernels read set to their model's choice, and put the eager value back after; a bad value
+    is a UserError."""
     import llmopt.kernels
-    from llmopt.engine.compile import _row_major_one_row_formats, inductor_options, kernel_pdl
+    from llmopt.engine.compile import CompiledLayers, _row_major_one_row_formats, kernel_pdl
     from llmopt.quant import quantize_
 
     def tiny(spec: str | None):
@@ -280,11 +281,31 @@ def test_kernel_pdl_follows_the_formats_the_device_and_the_environment(monkeypat
     assert not kernel_pdl(model)  # auto, on a CPU
     monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
     assert kernel_pdl(model) and kernel_pdl(tiny("nf4"))
-    inductor_options(model)
-    assert llmopt.kernels.KERNEL_PDL is True
+    forced = CompiledLayers(model)
     monkeypatch.setenv("LLMOPT_KERNEL_PDL", "0")
-    inductor_options(model)
-    assert llmopt.kernels.KERNEL_PDL is False
+    off = CompiledLayers(tiny("int8"))
+    for layers, want in ((forced, True), (off, False), (forced, True)):
+        llmopt.kernels.KERNEL_PDL = None  # the eager value, whatever it is
+        with layers.active():
+            assert llmopt.kernels.KERNEL_PDL is want
+        assert llmopt.kernels.KERNEL_PDL is None
+    # whole-function compiles too, and dynamo traces each with its own model's value
+    import torch._dynamo as dynamo
+
+    from llmopt.engine.compile import compile_fn
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x + (1.0 if llmopt.kernels.KERNEL_PDL else 2.0)
+
+    dynamo.reset()
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
+    on_fn = compile_fn(probe, "default", model=model)
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "0")
+    off_fn = compile_fn(probe, "default", model=model)
+    llmopt.kernels.KERNEL_PDL = False
+    for fn, want in ((on_fn, 1.0), (off_fn, 2.0), (on_fn, 1.0)):
+        assert fn(torch.zeros(2)).tolist() == [want, want]
+        assert llmopt.kernels.KERNEL_PDL is False
     monkeypatch.setenv("LLMOPT_KERNEL_PDL", "sometimes")
     with pytest.raises(UserError, match="LLMOPT_KERNEL_PDL"):
         kernel_pdl(model)

@@ -201,31 +201,38 @@ def test_fused_quantised_projections_decode_the_same(spec: str) -> None:
 
 
 def test_kernel_pdl_auto_on_a_gpu(monkeypatch) -> None:
-    """LLMOPT_KERNEL_PDL unset (auto) on a Hopper GPU: compiling an int8 model turns llmopt's
-    kernels into PDL launches, and its compiled greedy decode keeps the eager model's tokens up
-    to near ties; an NF4 model's compile turns them off again."""
+    """LLMOPT_KERNEL_PDL unset (auto) on a Hopper GPU: an int8 model's compiled decode takes the
+    one-row kernels' PDL op (and keeps the eager model's tokens up to near ties) while eager
+    code keeps the setting's value (off); an NF4 model's rule says off."""
     import copy
 
     from tests.helpers import assert_greedy_up_to_ties, sharp_int4_tiny
 
     import llmopt.kernels
     from llmopt.engine.compile import kernel_pdl
+    from llmopt.quant.kernels import triton_wo as T
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs Hopper or later")
     monkeypatch.delenv("LLMOPT_KERNEL_PDL", raising=False)
-    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", llmopt.kernels.KERNEL_PDL)  # restored after
+    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", False)  # auto's eager value
+    traced: list[int] = []
+    op = T.gemv1_pdl_op
+
+    def spy(*args):  # traced into the compiled step: counts the PDL op's call sites
+        traced.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(T, "gemv1_pdl_op", spy)
     model = sharp_int4_tiny("cuda", torch.bfloat16, "int8")
     unfused = copy.deepcopy(model)
     dev = torch.device("cuda")
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
-    assert llmopt.kernels.KERNEL_PDL is True
+    assert kernel_pdl(model)
     assert_greedy_up_to_ties(unfused, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
-    nf4 = sharp_int4_tiny("cuda", torch.bfloat16, "nf4")
-    assert not kernel_pdl(nf4)
-    Generator(nf4, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
-    assert llmopt.kernels.KERNEL_PDL is False
+    assert traced and llmopt.kernels.KERNEL_PDL is False
+    assert not kernel_pdl(sharp_int4_tiny("cuda", torch.bfloat16, "nf4"))
 
 
 def test_dense_gemv_deferred_fused_pdl_decodes_the_same(monkeypatch) -> None:
@@ -256,4 +263,3 @@ def test_dense_gemv_deferred_fused_pdl_decodes_the_same(monkeypatch) -> None:
     assert ((qkv(x).float() - want).norm() / want.norm()).item() < 1e-2
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     assert_greedy_up_to_ties(plain, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
-    assert llmopt.kernels.KERNEL_PDL

@@ -174,7 +174,6 @@ def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monk
     monkeypatch.setenv("LLMOPT_PDL", "1")
     gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
     got = gen.generate([[5, 6, 7, 8]], params)[0].token_ids
-    assert llmopt.kernels.KERNEL_PDL
     assert_greedy_up_to_ties(unfused, [5, 6, 7, 8], got)
     assert_greedy_up_to_ties(unfused, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)  # replayed
 

@@ -176,20 +176,32 @@ def same_kernels_on_every_rank() -> bool:
     return env_choice("LLMOPT_TP_TUNING", "heuristic", TP_TUNING_CHOICES) == "heuristic" and _tp_on_gpus()
 
 
+@contextmanager
+def kernels_launched_for(on: bool) -> Iterator[None]:
+    """``llmopt.kernels.KERNEL_PDL`` set to ``on`` inside: the compiled callables of a model run
+    under their model's ``kernel_pdl``, so its kernels are traced as PDL launches or not by that
+    model's formats, whatever another compiled model in the process (a draft) asks for. Dynamo
+    guards on the flag, so each compiled graph sees the value it was traced with; outside,
+    eager code keeps the LLMOPT_KERNEL_PDL setting."""
+    import llmopt.kernels
+
+    prev = llmopt.kernels.KERNEL_PDL
+    llmopt.kernels.KERNEL_PDL = on
+    try:
+        yield
+    finally:
+        llmopt.kernels.KERNEL_PDL = prev
+
+
 def inductor_options(model: Any, mode: str | None = None) -> dict[str, Any]:
     """Per-compile inductor settings (``torch.compile(options=...)``): those of ``mode`` (which
-    ``options`` replaces), programmatic dependent launch where ``use_pdl(model)`` (and, for
-    llmopt's own kernels, ``llmopt.kernels.KERNEL_PDL`` set to ``kernel_pdl(model)``), and under
+    ``options`` replaces), programmatic dependent launch where ``use_pdl(model)``, and under
     tensor parallelism on GPUs the untimed kernel choice of ``same_kernels_on_every_rank``. On
     torch builds without ``triton.enable_pdl`` (or ``deterministic``) the setting is left out."""
     import torch._inductor
     import torch._inductor.config as inductor_config
 
-    import llmopt.kernels
-
     opts = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
-    # read by llmopt's kernels when the compiled code is traced (right after this, at the first call)
-    llmopt.kernels.KERNEL_PDL = kernel_pdl(model)
     if hasattr(inductor_config.triton, "enable_pdl"):
         opts["triton.enable_pdl"] = use_pdl(model)
     if hasattr(inductor_config, "deterministic") and same_kernels_on_every_rank():
@@ -240,7 +252,14 @@ def compile_fn(
     if mode in ("auto", "regional"):  # callers that compile a whole function
         mode = "reduce-overhead"
     # ``model``: what ``fn`` runs, for the per-model settings of ``inductor_options``
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=inductor_options(model, mode))
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, options=inductor_options(model, mode))
+    pdl = kernel_pdl(model)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with kernels_launched_for(pdl):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 class CompiledLayers:
@@ -267,13 +286,15 @@ class CompiledLayers:
         # What nn.Module.compile installs, kept aside until active() puts it in place.
         opts = inductor_options(model)
         self._fns = [torch.compile(layer._call_impl, fullgraph=True, options=opts) for layer in self.layers]
+        self.kernel_pdl = kernel_pdl(model)
 
     @contextmanager
     def active(self) -> Iterator[None]:
         for layer, fn in zip(self.layers, self._fns, strict=True):
             layer._compiled_call_impl = fn
         try:
-            yield
+            with kernels_launched_for(self.kernel_pdl):
+                yield
         finally:
             for layer in self.layers:
                 layer._compiled_call_impl = None

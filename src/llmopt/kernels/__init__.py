@@ -7,9 +7,9 @@ as inductor's own kernels are under LLMOPT_PDL (``engine.compile.use_pdl``). Eac
 device for the kernel before it (``gdc_wait``) before reading anything, and lets the next one
 launch once its main loop is done. Under torch.compile they run as opaque ops launched by
 Triton's own launcher, since inductor's launch of user-written kernels has no PDL option.
-``KERNEL_PDL`` below is what the kernels read at each call: "1" and "0" fix it; under "auto" it
-starts off and each compile sets it for the model it compiles (``engine.compile.kernel_pdl``,
-which gives the measurements behind the rule).
+``KERNEL_PDL`` below is what the kernels read at each call, the setting's value for eager code
+("auto": off). A compiled model's calls run with it set to that model's
+``engine.compile.kernel_pdl`` (which gives the measurements behind ``auto``'s rule).
 """
 
 from llmopt.errors import env_choice
