@@ -244,13 +244,11 @@ def test_dense_gemv_deferred_fused_pdl_decodes_the_same(monkeypatch) -> None:
 
     from tests.helpers import assert_greedy_up_to_ties
 
-    import llmopt.kernels
     import llmopt.models.gemv_linear as G
 
     model = _tiny_cuda(torch.bfloat16)
     plain = copy.deepcopy(model)
     monkeypatch.setattr(G, "DENSE_ONE_ROW", "deferred")
-    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", llmopt.kernels.KERNEL_PDL)  # restored after
     monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
     assert G.use_gemv_linears(model) > 0
     dev = torch.device("cuda")

@@ -160,7 +160,6 @@ def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monk
     projections are fused, so its sums are split otherwise), at the first run and at a replay."""
     from tests.helpers import assert_greedy_up_to_ties
 
-    import llmopt.kernels
     from llmopt.engine.generate import Generator
     from llmopt.sampling import SamplingParams
 
@@ -169,7 +168,6 @@ def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monk
     unfused = copy.deepcopy(model)
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     dev = torch.device("cuda")
-    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", llmopt.kernels.KERNEL_PDL)  # restored after
     monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
     monkeypatch.setenv("LLMOPT_PDL", "1")
     gen = Generator(model, None, dev, compile=True, compile_mode="regional", max_seq_len=256)
