@@ -5,8 +5,9 @@ ramp-up and tail, so fewer, larger ones get closer to the memory bandwidth.
 Plain ``nn.Linear`` modules (and ``--dense-gemv``'s ``GemvLinear``) are fused by concatenating
 weights, into a module of their class; weight-only quantised ones of one format and settings by
 concatenating their codes, scales and zeros (``QuantLinear.cat_outputs``), which runs the same
-kernels on the same codes, one launch instead of three or two. Sharded modules, and quantised ones that cannot be joined, are left as they are.
-The fused model keeps its config; checkpoints are always written unfused.
+kernels on the same codes, one launch instead of three or two. Sharded modules, and quantised
+ones that cannot be joined, are left as they are. The fused model keeps its config; checkpoints
+are always written unfused.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ def _cat(parts: list[nn.Module | None]) -> nn.Module | None:
     from llmopt.models.gemv_linear import GemvLinear
     from llmopt.quant.linear import QuantLinear
 
-    if any(m is None for m in parts):
-        return None
     if all(type(m) is nn.Linear for m in parts) or all(type(m) is GemvLinear for m in parts):
         return _cat_linear(parts)  # type: ignore[arg-type]
     if all(isinstance(m, QuantLinear) for m in parts):
