@@ -199,3 +199,23 @@ def test_bad_dense_one_row_choice_is_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "LLMOPT_DENSE_ONE_ROW" in lines[0] and "bogus" in lines[0]
+
+
+def test_bench_dense_gemv_out_records_what_it_swapped(tmp_path: Path, capsys) -> None:
+    """`bench --dense-gemv out` swaps each layer's o_proj and down_proj and says so in its JSON;
+    a bare --dense-gemv still means all; an unknown choice is one line and exit 2."""
+    from llmopt.loading.presets import preset_config
+
+    layers = preset_config("tiny").num_layers
+    swapped = {}
+    for choice in (["out"], []):
+        out = tmp_path / f"b{len(choice)}.json"
+        assert main(["bench", "--model", "preset:tiny", "--dtype", "bfloat16", "--dense-gemv", *choice,
+                     "--new-tokens", "2", "--prompt-len", "3", "--json", str(out)]) == 0
+        rec = json.loads(out.read_text())
+        swapped[rec["dense_gemv"]] = rec["dense_gemv_modules"]
+    assert swapped["out"] == 2 * layers and swapped["all"] > 2 * layers
+    capsys.readouterr()
+    assert main(["bench", "--model", "preset:tiny", "--dense-gemv", "qkv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qkv" in err[0]

@@ -54,3 +54,24 @@ def test_swapped_projections_fuse_into_one_swapped_module() -> None:
     assert type(layer.self_attn.qkv_proj) is GemvLinear and type(layer.mlp.gate_up_proj) is GemvLinear
     assert layer.self_attn.qkv_proj.bias is not None
     assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def test_out_swap_takes_only_the_output_projections() -> None:
+    """--dense-gemv out: o_proj and down_proj of every layer, nothing else (q/k/v, gate/up and the
+    head stay plain, so the compiler keeps folding the norms into them); outputs unchanged; an
+    unknown choice is refused."""
+    import pytest
+
+    model = random_model(preset_config("tiny"), torch.device("cpu"), torch.bfloat16, seed=5)
+    ids = torch.randint(3, 512, (1, 7))
+    with torch.no_grad():
+        before = model(ids).float()
+    layers = model.model.layers
+    assert use_gemv_linears(model, "out") == 2 * len(layers)
+    swapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, GemvLinear)}
+    assert swapped == {"o_proj", "down_proj"}
+    assert type(layers[0].self_attn.q_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model(ids).float(), before)
+    with pytest.raises(ValueError, match="which"):
+        use_gemv_linears(model, "qkv")

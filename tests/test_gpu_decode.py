@@ -169,6 +169,28 @@ def test_dense_gemv_swap_matches_linear_and_decodes_the_same() -> None:
     assert gen.generate(prompt, params)[0].token_ids == ref
 
 
+def test_dense_gemv_out_projections_decode_the_same() -> None:
+    """--dense-gemv out: only o_proj and down_proj take the one-row kernel (down_proj's input,
+    silu(gate) * up, then comes from the compiler's kernels into the opaque matmul); compiled
+    batch-1 greedy decode keeps the unswapped model's tokens up to near ties."""
+    import copy
+
+    from tests.helpers import assert_greedy_up_to_ties
+
+    from llmopt.models.gemv_linear import GemvLinear, use_gemv_linears
+
+    model = _tiny_cuda(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    assert use_gemv_linears(model, "out") == 2 * len(model.model.layers)
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.o_proj) is GemvLinear and type(layer.mlp.down_proj) is GemvLinear
+    assert type(layer.mlp.gate_proj) is torch.nn.Linear
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    gen = Generator(model, None, torch.device("cuda"), compile=True, compile_mode="regional",
+                    max_seq_len=256)
+    assert_greedy_up_to_ties(plain, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
+
+
 @pytest.mark.parametrize("spec", ["int8", "int4-g32", "nf4", "fp8"])
 def test_fused_quantised_projections_decode_the_same(spec: str) -> None:
     """--fuse-projections on a quantised model on the GPU (the joined int4 module rebuilds its

@@ -63,6 +63,9 @@ for r in "$@"; do
         l2-7b_b1_autotune) run $name $L7 --compile-mode max-autotune --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_gemv) run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ctx4000_gemv) run $name $L7 --dense-gemv --prompt-len 3896 --new-tokens 200 --runs 3 ;;
+        # --dense-gemv out: only o_proj and down_proj through the one-row kernel (models/gemv_linear.py)
+        l2-7b_b1_gemvout) run $name $L7 --dense-gemv out --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_ctx4000_gemvout) run $name $L7 --dense-gemv out --prompt-len 3896 --new-tokens 200 --runs 3 ;;
         l2-7b_b1_fused) run $name $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_ttft1024) run $name $L7 --compile-prefill --prompt-len 1024 --new-tokens 16 --runs 5 ;;

@@ -30,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fuse q/k/v and gate/up matmuls into one each (default: on for weight-only "
                         "quantised models compiled on one GPU, where one launch instead of three or two "
                         "measured faster in every format; off for bf16, measured slower on an H200)")
-    p.add_argument("--dense-gemv", action="store_true",
+    p.add_argument("--dense-gemv", nargs="?", const="all", default=None, choices=("all", "out"),
                    help="bf16/fp16 matmuls at batch 1 through llmopt's one-row Triton kernel "
-                        "instead of the compiler's or cuBLAS's (GPU; for experiments; "
+                        "instead of the compiler's or cuBLAS's: all of them (the default), or "
+                        "'out', only each layer's o_proj and down_proj (GPU; for experiments; "
                         "LLMOPT_DENSE_ONE_ROW=reduce|deferred picks which one-row kernel)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dense_gemv:
         from llmopt.models.gemv_linear import use_gemv_linears
 
-        swapped = use_gemv_linears(lm.model)
+        swapped = use_gemv_linears(lm.model, args.dense_gemv)
     from llmopt.attention.base import resolve_backend_name
 
     attention = resolve_backend_name(args.attention, lm.device)
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if settings is not None:
             out["inductor_settings"] = settings
         if args.dense_gemv:
+            out["dense_gemv"] = args.dense_gemv
             out["dense_gemv_modules"] = swapped
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
             from llmopt.quant.kernels import gpu_kernel_choice

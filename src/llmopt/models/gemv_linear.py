@@ -9,6 +9,13 @@ decode step's own matmuls is for ``llmopt bench --dense-gemv`` to measure; the s
 until then. Quantised, fused or sharded modules are not plain ``nn.Linear`` and are left alone;
 swapped modules that read the same input can be fused afterwards (``models.fusion``).
 
+Swapping every linear lost (above and below): the compiled step's q/k/v and gate/up kernels,
+with the RMSNorm folded in, already ran near the copy bandwidth in the TP=1 profile
+(``bench/results/tp/h200x2_s13a/profile``, 7B: gate/up 45.9 us per layer for 180 MB, 3.9 TB/s),
+while its o_proj (11.9 us, 33.5 MB) and down_proj (32.9 us, 90 MB) ran at 2.7-2.8 TB/s, where
+the one-row kernels alone made 3.3-3.8 TB/s (``h200x2_s8_wo_kernels.json``). ``which="out"``
+(``--dense-gemv out``) swaps only those two; not yet measured in the model.
+
 LLMOPT_DENSE_ONE_ROW, read and checked at import: which one-row kernel a swapped module's row
 takes. "reduce" (default; the seventh session's measurement, 221.3 tok/s against 224.0 without
 the swap) the few-row kernel, which sums each tile as it goes; "deferred" the deferred-sum kernel
@@ -40,13 +47,25 @@ class GemvLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def use_gemv_linears(model: nn.Module) -> int:
-    """Swap in place every plain ``nn.Linear`` (the head included) whose weight is bf16 or fp16;
-    parameters are shared, not copied (a tied head stays tied). Returns how many were swapped."""
+# ``use_gemv_linears``' choices: every plain linear, or only each layer's output projections
+SWAPS = ("all", "out")
+# The output projections: their inputs are the attention's output and silu(gate) * up, never a
+# normalised hidden state, so the compiler fuses no norm into them (it does into q/k/v and
+# gate/up), and they are the matmuls it ran furthest from the copy bandwidth.
+OUT_PROJECTIONS = ("o_proj", "down_proj")
+
+
+def use_gemv_linears(model: nn.Module, which: str = "all") -> int:
+    """Swap in place plain ``nn.Linear`` modules whose weight is bf16 or fp16: every one (the
+    head included) with ``which="all"``, with ``"out"`` only those named in ``OUT_PROJECTIONS``.
+    Parameters are shared, not copied (a tied head stays tied). Returns how many were swapped."""
+    if which not in SWAPS:
+        raise ValueError(f"which must be one of {SWAPS}, not {which!r}")
     swaps = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float16):
+            if (type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float16)
+                    and (which == "all" or name in OUT_PROJECTIONS)):
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
         new = GemvLinear(child.in_features, child.out_features, bias=child.bias is not None,
