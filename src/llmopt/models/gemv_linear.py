@@ -14,7 +14,8 @@ with the RMSNorm folded in, already ran near the copy bandwidth in the TP=1 prof
 (``bench/results/tp/h200x2_s13a/profile``, 7B: gate/up 45.9 us per layer for 180 MB, 3.9 TB/s),
 while its o_proj (11.9 us, 33.5 MB) and down_proj (32.9 us, 90 MB) ran at 2.7-2.8 TB/s, where
 the one-row kernels alone made 3.3-3.8 TB/s (``h200x2_s8_wo_kernels.json``). ``which="out"``
-(``--dense-gemv out``) swaps only those two; not yet measured in the model.
+(``--dense-gemv out``) swaps only those two; not yet measured in the model. (Which kernels run
+slow moves between compiles: the seventh session's profile had q/k/v and down at 3.1 TB/s.)
 
 LLMOPT_DENSE_ONE_ROW, read and checked at import: which one-row kernel a swapped module's row
 takes. "reduce" (default; the seventh session's measurement, 221.3 tok/s against 224.0 without
