@@ -152,6 +152,31 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], mo
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8", "fp8", "dense"])
+def test_prefetching_one_row_kernels_match_reference(fmt: str) -> None:
+    """LLMOPT_GEMV_PREFETCH=1 (each iteration issues the next tile's loads first) on the GPU:
+    the one-row kernels against float64 dequantise-matmul, on a 7B shape with a ragged tail of
+    splits (K = 4096 + 128), as a plain and as a programmatic dependent launch."""
+    from llmopt.quant.kernels import triton_wo
+
+    n, k, group = 1024, 4224, 128
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+    if fmt == "dense":
+        wd = w.to(torch.bfloat16)
+        args, expect = (wd, wd, wd, wd, triton_wo.FMT_DENSE, 1 << 30), x.double() @ wd.double().t()
+    else:
+        f = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
+                  else a for a in _formats(w, group)[fmt])
+        args, expect = _gemv_args(fmt, f), x.double() @ _dequant(fmt, f, k).t()
+    for pdl in (False, True):
+        y = triton_wo.gemv(x, *args, one_row="deferred", int_decode="magic", pdl=pdl, prefetch=True)
+        assert y.shape == (1, n) and y.dtype == torch.bfloat16
+        assert ((y.double() - expect).norm() / expect.norm()).item() < 1e-2, pdl
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["int8", "nf4", "fp8"])
 def test_pdl_one_row_kernels_in_a_compiled_model_decode_the_same(spec: str, monkeypatch) -> None:
     """LLMOPT_KERNEL_PDL=1: the one-row kernels and the decode attention as PDL launches inside
@@ -350,28 +375,32 @@ for n, k, group in [(96, 576, 32), (64, 1024, 128)]:  # 576: K not a multiple of
         for dec in T.DECODES.values():
             for sel in ((False, True) if fmt == "nf4" else (False,)):
                 for cfg in (T._tile_configs(T.ONE_ROW_TILES["packed"]) if packed else T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
-                    kw = cfg.kwargs
-                    if packed:
-                        out = torch.zeros((n,), dtype=torch.float32)
-                        T._packed_gemv1[(triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])](
-                            x, wt, s, z, lut.float(), out, n, k, 15, FMT=code, GROUP=grp, NF4_DECODE=int(sel),
-                            INT_DECODE=dec, **kw)
-                    else:
-                        out = torch.empty((n,), dtype=torch.float16)
-                        T._rowmajor_gemv1[(triton.cdiv(n, kw["BLOCK_N"]),)](x, wt, s, out, n, k, FMT=code,
-                                                                           INT_DECODE=dec, **kw)
-                    err = ((out.double() - expect[0]).norm() / expect.norm()).item()
-                    name = f"{fmt}{'-select' if sel else ''}-dec{dec}"
-                    worst[name] = max(worst.get(name, 0.0), err)
+                    # PREFETCH (LLMOPT_GEMV_PREFETCH): with the exponent trick (the default decode)
+                    for pre in (False, True) if dec == 1 else (False,):
+                        kw = cfg.kwargs
+                        if packed:
+                            out = torch.zeros((n,), dtype=torch.float32)
+                            T._packed_gemv1[(triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])](
+                                x, wt, s, z, lut.float(), out, n, k, 15, FMT=code, GROUP=grp, NF4_DECODE=int(sel),
+                                INT_DECODE=dec, PREFETCH=pre, **kw)
+                        else:
+                            out = torch.empty((n,), dtype=torch.float16)
+                            T._rowmajor_gemv1[(triton.cdiv(n, kw["BLOCK_N"]),)](x, wt, s, out, n, k, FMT=code,
+                                                                               INT_DECODE=dec, PREFETCH=pre, **kw)
+                        err = ((out.double() - expect[0]).norm() / expect.norm()).item()
+                        name = f"{fmt}{'-select' if sel else ''}-dec{dec}{'-prefetch' if pre else ''}"
+                        worst[name] = max(worst.get(name, 0.0), err)
     dense = (torch.randn(n, k) * 0.05).half()
     expect = x.double() @ dense.double().t()
     for cfg in T._tile_configs(T.ONE_ROW_TILES["rowmajor"]):
-        out = torch.empty((n,), dtype=torch.float16)
-        T._rowmajor_gemv1[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)](x, dense, dense, out, n, k, FMT=T.FMT_DENSE,
-                                                                   INT_DECODE=0, **cfg.kwargs)
-        worst["dense"] = max(worst.get("dense", 0.0), ((out.double() - expect[0]).norm() / expect.norm()).item())
+        for pre in (False, True):
+            out = torch.empty((n,), dtype=torch.float16)
+            T._rowmajor_gemv1[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)](x, dense, dense, out, n, k, FMT=T.FMT_DENSE,
+                                                                       INT_DECODE=0, PREFETCH=pre, **cfg.kwargs)
+            name = "dense-prefetch" if pre else "dense"
+            worst[name] = max(worst.get(name, 0.0), ((out.double() - expect[0]).norm() / expect.norm()).item())
 print(worst)
-assert len(worst) >= 9 and all(e < 2e-3 for e in worst.values()), worst
+assert len(worst) >= 15 and all(e < 2e-3 for e in worst.values()), worst
 '''
 
 
@@ -414,26 +443,34 @@ for block_m in (1, 8):
 # a launch on the model shapes specialises them: N, K and the pointers multiples of 16 (without
 # that, the widest tiles spill a few bytes)
 # (LLMOPT_KERNEL_PDL: the first tile of each format also as a programmatic dependent launch)
-one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C, "PDL": C}
+# (LLMOPT_GEMV_PREFETCH: every tile also with the next tile's loads issued first, for int4-g128,
+# nf4 by byte permutes, int8 and bf16 rows, with the exponent trick)
+one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE": C, "PDL": C, "PREFETCH": C}
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
     for fmt, grp, nf4 in ((T.FMT_INT4, 32, 0), (T.FMT_INT4, 128, 0), *((T.FMT_NF4, 64, d) for d in T.NF4_DECODES.values())):
         for dec in T.DECODES.values():
-            for pdl in (False, True) if i == 0 and dec == 1 else (False,):
+            pre_too = dec == 1 and (grp == 128 or nf4 == 2)
+            for pdl, pre in ((False, False), *([(True, False)] if i == 0 and dec == 1 else []),
+                             *([(False, True)] if pre_too else [])):
                 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
                        "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_DECODE": C}
                 cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_DECODE": nf4,
-                                                            "INT_DECODE": dec, "PDL": pdl, **cfg.kwargs}, cfg.num_warps))
+                                                            "INT_DECODE": dec, "PDL": pdl, "PREFETCH": pre,
+                                                            **cfg.kwargs}, cfg.num_warps))
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
     for fmt, wt in ((T.FMT_INT8, "*i8"), (T.FMT_FP8, "*fp8e4nv"), (T.FMT_DENSE, "*bf16")):
         for dec in T.DECODES.values():
-            for pdl in (False, True) if i == 0 and dec == 1 else (False,):
+            pre_too = dec == 1 and fmt != T.FMT_FP8
+            for pdl, pre in ((False, False), *([(True, False)] if i == 0 and dec == 1 else []),
+                             *([(False, True)] if pre_too else [])):
                 sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "out_ptr": "*bf16", **one}
-                cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, "PDL": pdl, **cfg.kwargs},
-                              cfg.num_warps))
+                cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, "PDL": pdl,
+                                                              "PREFETCH": pre, **cfg.kwargs}, cfg.num_warps))
 HINTED = {id(T._packed_gemv1_kernel), id(T._rowmajor_gemv1_kernel)}
 spilled = []
 pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
 prmt_marks = []
+loads = {}
 for kern, sig, consts, warps in cases:
     attrs = ({(kern.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
               if t != C and a not in ("M", "nib")} if id(kern) in HINTED else None)
@@ -446,6 +483,9 @@ for kern, sig, consts, warps in cases:
         pdl_marks.append((consts["PDL"], "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx))
     if consts.get("NF4_DECODE") is not None:  # NF4 by byte permutes: prmt in the PTX, nowhere else
         prmt_marks.append((consts["NF4_DECODE"] == 2, "prmt.b32" in k.asm["ptx"]))
+    if consts.get("PREFETCH") is not None:  # global load sites, to compare each PREFETCH twin
+        twin = tuple(sorted((a, v) for a, v in consts.items() if a != "PREFETCH")) + (kern.fn.__name__,)
+        loads[twin, consts["PREFETCH"]] = k.asm["ptx"].count("ld.global")
     r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
     m = re.search(r"(\d+) bytes spill stores", r.stderr)
     if r.returncode != 0 or (m and int(m.group(1)) > 0):
@@ -454,6 +494,10 @@ print(len(cases), "compiled;", spilled)
 assert not spilled, spilled
 assert sum(p for p, _ in pdl_marks) == 8 and all(p == marked for p, marked in pdl_marks), pdl_marks
 assert sum(p for p, _ in prmt_marks) >= 8 and all(p == marked for p, marked in prmt_marks), prmt_marks
+# PREFETCH loads the first tile before the loop and the next one in it: more load sites than
+# its twin (the codes', scales' and zeros' loads written twice)
+pre = [(twin, n, loads[twin, False]) for (twin, p), n in loads.items() if p]
+assert len(pre) == 32 and all(n > base for _, n, base in pre), pre
 '''
 
 
@@ -578,5 +622,5 @@ def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
         s = torch.empty(n, dtype=torch.bfloat16)
         for fmt, w, dtype in ((T.FMT_NF4, packed, torch.float32), (T.FMT_INT4, packed, torch.float32),
                               (T.FMT_INT8, rowmajor, torch.bfloat16), (T.FMT_FP8, rowmajor, torch.bfloat16)):
-            out = T.gemv1_pdl_op(x2, w, s, s, s, fmt, 64, 2, 0)
+            out = T.gemv1_pdl_op(x2, w, s, s, s, fmt, 64, 2, 0, False)
             assert out.shape == (n,) and out.dtype == dtype, fmt

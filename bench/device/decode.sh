@@ -38,13 +38,17 @@ for r in "$@"; do
     # (LLMOPT_AUTOTUNE_POINTWISE=0) or neither; or kpdl/nokpdl: llmopt's own decode kernels as PDL
     # launches or not, whatever the format (LLMOPT_KERNEL_PDL=1/0; auto, the default, picks by
     # format; LLMOPT_PDL=auto pairs inductor's kernels with them); dd: --dense-gemv rows through the
-    # deferred-sum kernel (LLMOPT_DENSE_ONE_ROW=deferred), ddkpdl: that and kpdl; or det:
+    # deferred-sum kernel (LLMOPT_DENSE_ONE_ROW=deferred), ddkpdl: that and kpdl; pf: the one-row
+    # kernels load each next tile before computing (LLMOPT_GEMV_PREFETCH=1), pfkpdl: that and kpdl,
+    # pfdd: that and dd; or det:
     # inductor's deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1: no timed kernel choices); named RUN_V
-    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC
+    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC LLMOPT_GEMV_PREFETCH
     case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
         case $v in nopdl) export LLMOPT_PDL=0 ;; noapw) export LLMOPT_AUTOTUNE_POINTWISE=0 ;;
             neither) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0 ;; kpdl) export LLMOPT_KERNEL_PDL=1 ;; nokpdl) export LLMOPT_KERNEL_PDL=0 ;;
             dd) export LLMOPT_DENSE_ONE_ROW=deferred ;; ddkpdl) export LLMOPT_DENSE_ONE_ROW=deferred LLMOPT_KERNEL_PDL=1 ;;
+            pf) export LLMOPT_GEMV_PREFETCH=1 ;; pfkpdl) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_KERNEL_PDL=1 ;;
+            pfdd) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_DENSE_ONE_ROW=deferred ;;
             det) export TORCHINDUCTOR_DETERMINISTIC=1 ;; *) echo "unknown variant $v"; continue ;; esac ;;
     esac
     case $r in *+regional) r=${r%+regional} name=${name/+regional/_regional} EXTRA="--compile-mode regional" ;; esac

@@ -65,11 +65,17 @@ GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) ta
 #   (``_nf4_select``), about 10 selects per weight: 112.8 against 135.0 for "lut". The few-row
 #   kernel takes "select" at one row and uses "lut" otherwise (with 8 rows' accumulators live the
 #   tree spills on sm_90).
+# - LLMOPT_GEMV_PREFETCH, "0" (default) or "1": the one-row kernels issue the next tile's weight
+#   loads before computing on the current one (``triton_wo._packed_gemv1``'s PREFETCH). In SASS
+#   (sm_90) an int4 tile costs about 600 instructions per thread per iteration, so without it
+#   each iteration waits out a load's latency and then computes, with about 8 warps per SM to
+#   cover the wait (N = 4096: 256 programs of 4 warps). Not yet measured: opt-in.
 INT_DECODES = {"cvt": 0, "magic": 1}
 NF4_DECODES = {"lut": 0, "select": 1, "prmt": 2}  # the deferred kernel's NF4_DECODE constants
 ONE_ROW = env_choice("LLMOPT_GEMV_ONE_ROW", "deferred", ("deferred", "reduce"))
 INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", tuple(INT_DECODES))
 NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "prmt", tuple(NF4_DECODES))
+GEMV_PREFETCH = env_choice("LLMOPT_GEMV_PREFETCH", "0", ("0", "1")) == "1"
 
 
 def gpu_kernel_choice() -> str:

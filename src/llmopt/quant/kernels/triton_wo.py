@@ -26,15 +26,23 @@ import triton
 import triton.language as tl
 
 import llmopt.kernels
-from llmopt.quant.kernels import GEMV_MAX_ROWS, INT_DECODE, NF4_DECODE, NF4_DECODES, ONE_ROW
+from llmopt.quant.kernels import (
+    GEMV_MAX_ROWS,
+    GEMV_PREFETCH,
+    INT_DECODE,
+    NF4_DECODE,
+    NF4_DECODES,
+    ONE_ROW,
+)
 from llmopt.quant.kernels import INT_DECODES as DECODES
 from llmopt.quant.primitives import nf4_codebook
 
 FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP8, FMT_INT8G = 0, 1, 2, 3, 4
 FMT_DENSE = 5  # one-row kernel only: unquantised bf16/fp16 weights [N, K], no scale
 BLOCK_M = 16  # tl.dot's minimum; rows beyond M are masked
-# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES) and
-# LLMOPT_NF4_DECODE (NF4_DECODE) are read, checked and explained in ``quant/kernels/__init__.py``,
+# LLMOPT_GEMV_ONE_ROW (ONE_ROW), LLMOPT_INT_DECODE (INT_DECODE, values in DECODES),
+# LLMOPT_NF4_DECODE (NF4_DECODE) and LLMOPT_GEMV_PREFETCH (GEMV_PREFETCH) are read, checked and
+# explained in ``quant/kernels/__init__.py``,
 # LLMOPT_KERNEL_PDL (``llmopt.kernels.KERNEL_PDL``, read at each call) in ``llmopt/kernels/__init__.py``.
 
 
@@ -402,17 +410,94 @@ def _nibble_float(word, nib, P: tl.constexpr):
 
 
 @triton.jit
+def _packed_tile_load(w_ptr, s_ptr, z_ptr, k0, row_end, N, offs_n, mask_n,
+                      FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The codes [BLOCK_K/8, BLOCK_N] of the tile at k0, its scales and (int4) zeros, as loaded:
+    nothing here reads them, so a load issued for the next tile (``PREFETCH``) does not stall
+    the warp until ``_packed_tile_dot`` uses it. Word rows from ``row_end`` on are not read.
+    Scales are [1, BLOCK_N] when the tile lies in one group, else one per word row
+    [BLOCK_K/8, BLOCK_N]; without zeros (nf4) the scales stand in for them."""
+    R: tl.constexpr = BLOCK_K // 8
+    rows = k0 // 8 + tl.arange(0, R)
+    m2 = (rows < row_end)[:, None] & mask_n[None, :]
+    q = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=m2, other=0)  # [R, BN]
+    if BLOCK_K <= GROUP:  # the whole tile in one group: one scale (and zero) per column
+        gmask = mask_n & ((offs_n * 0 + k0 // 8) < row_end)
+        sc = tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=gmask, other=0.0)[None, :]
+        zp = sc
+        if FMT == 1:
+            zp = tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=gmask, other=0.0)[None, :]
+    else:  # several groups: each word row's own (repeated addresses, served by L1)
+        g2 = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]
+        sc = tl.load(s_ptr + g2, mask=m2, other=0.0)
+        zp = sc
+        if FMT == 1:
+            zp = tl.load(z_ptr + g2, mask=m2, other=0.0)
+    return q, sc, zp
+
+
+@triton.jit
+def _packed_tile_dot(acc, q, sc_raw, zp_raw, x_ptr, k0, K, nib, lut_ptr,
+                     FMT: tl.constexpr, BLOCK_K: tl.constexpr, NF4_DECODE: tl.constexpr,
+                     INT_DECODE: tl.constexpr):
+    """acc [BLOCK_K/8, BLOCK_N] plus one tile's products (``_packed_gemv1``); code j of each word
+    (k = 8 * row + j) is taken out by a static loop over j, so every weight stays in the register
+    where its word was loaded."""
+    R: tl.constexpr = BLOCK_K // 8
+    rows = k0 // 8 + tl.arange(0, R)
+    rmask = rows < K // 8
+    sc = sc_raw.to(tl.float32)
+    t = tl.zeros(q.shape, dtype=tl.float32)
+    xo = tl.zeros((R,), dtype=tl.float32)  # x summed over a word's odd codes
+    xe = tl.zeros((R,), dtype=tl.float32)  # and over its even codes
+    if FMT == 1 and INT_DECODE == 1:
+        # each code at bits 12-15 (P = 3: odd codes) or 16-19 (P = 4: even codes) of one of
+        # five words: 0 of q << 16, 1-2 of q << 8, 3-4 of q, 5-6 of q >> 8, 7 of q >> 16
+        words = (q << 16, q << 8, q << 8, q, q, q >> 8, q >> 8, q >> 16)
+    if FMT == 2 and NF4_DECODE == 2:  # all eight levels of each word at once
+        levels = _nf4_prmt(q)
+    for j in tl.static_range(8):
+        xj = tl.load(x_ptr + rows * 8 + j, mask=rmask, other=0.0).to(tl.float32)  # [R]
+        if FMT == 1:
+            if INT_DECODE == 1:
+                w = _nibble_float(words[j], nib, 3 + (j + 1) % 2)  # 2048 or 128 + code
+            else:
+                w = ((q >> (4 * j)) & 0xF).to(tl.float32)
+            if j % 2 == 1:
+                xo += xj
+            else:
+                xe += xj
+        elif NF4_DECODE == 2:
+            w = levels[j].to(tl.float32, bitcast=True)
+        elif NF4_DECODE == 1:
+            w = _nf4_select((q >> (4 * j)) & 0xF)
+        else:
+            w = tl.load(lut_ptr + ((q >> (4 * j)) & 0xF))
+        t += w * xj[:, None]
+    if FMT == 1:  # sum_k (q - z) s x = s (sum_k q x - z sum_k x), per word row
+        zp = zp_raw.to(tl.float32)
+        if INT_DECODE == 1:  # and the codes' offsets: 2048 on odd codes, 128 on even ones
+            acc += sc * (t - (zp + 2048.0) * xo[:, None] - (zp + 128.0) * xe[:, None])
+        else:
+            acc += sc * (t - zp * (xo + xe)[:, None])
+    else:
+        acc += sc * t
+    return acc
+
+
+@triton.jit
 def _packed_gemv1(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, nib,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NF4_DECODE: tl.constexpr, INT_DECODE: tl.constexpr, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """One row x [K] against 4-bit codes [K/8, N] (int4 or nf4) into a zeroed float32 out [N]
-    (split-K partial sums added atomically). A tile is [BLOCK_K/8, BLOCK_N] int32 words; code j
-    of each word (k = 8 * row + j) is taken out by a static loop over j, so every weight stays in
-    the register where its word was loaded. ``nib``: 15 (see ``_nibble_float``). NF4_DECODE: the
-    NF4 levels loaded from the codebook (0), picked by selects (1) or by byte permutes (2, see
-    ``_nf4_prmt_asm``)."""
+    (split-K partial sums added atomically). A tile is [BLOCK_K/8, BLOCK_N] int32 words.
+    ``nib``: 15 (see ``_nibble_float``). NF4_DECODE: the NF4 levels loaded from the codebook
+    (0), picked by selects (1) or by byte permutes (2, see ``_nf4_prmt_asm``). ``PREFETCH``
+    (LLMOPT_GEMV_PREFETCH): each iteration first issues the next tile's loads, then computes on
+    the tile loaded the iteration before, so the memory latency overlaps the arithmetic."""
     R: tl.constexpr = BLOCK_K // 8  # word rows per tile
     if PDL:  # a programmatic dependent launch: the kernel before may still be running
         tl.extra.cuda.gdc_wait()
@@ -421,56 +506,22 @@ def _packed_gemv1(
     mask_n = offs_n < N
     acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
     k_start, k_per_split = _split_range(K, BLOCK_K, SPLIT_K)
-    for kk in range(0, k_per_split, BLOCK_K):
-        k0 = k_start + kk
-        rows = k0 // 8 + tl.arange(0, R)
-        rmask = rows < K // 8
-        m2 = rmask[:, None] & mask_n[None, :]
-        q = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=m2, other=0)  # [R, BN]
-        if BLOCK_K <= GROUP:  # the whole tile in one group: one scale (and zero) per column
-            gmask = mask_n & ((offs_n * 0 + k0) < K)
-            sc = tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=gmask, other=0.0).to(tl.float32)[None, :]
-            if FMT == 1:
-                zp = tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=gmask, other=0.0).to(tl.float32)[None, :]
-        else:  # several groups: each word row's own (repeated addresses, served by L1)
-            g2 = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]
-            sc = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
-            if FMT == 1:
-                zp = tl.load(z_ptr + g2, mask=m2, other=0.0).to(tl.float32)
-        t = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-        xo = tl.zeros((R,), dtype=tl.float32)  # x summed over a word's odd codes
-        xe = tl.zeros((R,), dtype=tl.float32)  # and over its even codes
-        if FMT == 1 and INT_DECODE == 1:
-            # each code at bits 12-15 (P = 3: odd codes) or 16-19 (P = 4: even codes) of one of
-            # five words: 0 of q << 16, 1-2 of q << 8, 3-4 of q, 5-6 of q >> 8, 7 of q >> 16
-            words = (q << 16, q << 8, q << 8, q, q, q >> 8, q >> 8, q >> 16)
-        if FMT == 2 and NF4_DECODE == 2:  # all eight levels of each word at once
-            levels = _nf4_prmt(q)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + rows * 8 + j, mask=rmask, other=0.0).to(tl.float32)  # [R]
-            if FMT == 1:
-                if INT_DECODE == 1:
-                    w = _nibble_float(words[j], nib, 3 + (j + 1) % 2)  # 2048 or 128 + code
-                else:
-                    w = ((q >> (4 * j)) & 0xF).to(tl.float32)
-                if j % 2 == 1:
-                    xo += xj
-                else:
-                    xe += xj
-            elif NF4_DECODE == 2:
-                w = levels[j].to(tl.float32, bitcast=True)
-            elif NF4_DECODE == 1:
-                w = _nf4_select((q >> (4 * j)) & 0xF)
-            else:
-                w = tl.load(lut_ptr + ((q >> (4 * j)) & 0xF))
-            t += w * xj[:, None]
-        if FMT == 1:  # sum_k (q - z) s x = s (sum_k q x - z sum_k x), per word row
-            if INT_DECODE == 1:  # and the codes' offsets: 2048 on odd codes, 128 on even ones
-                acc += sc * (t - (zp + 2048.0) * xo[:, None] - (zp + 128.0) * xe[:, None])
-            else:
-                acc += sc * (t - zp * (xo + xe)[:, None])
-        else:
-            acc += sc * t
+    if PREFETCH:
+        # this program's share ends at word row `share_end`: the load after its last tile reads nothing
+        share_end = tl.minimum(k_start + k_per_split, K) // 8
+        q, sc, zp = _packed_tile_load(w_ptr, s_ptr, z_ptr, k_start, share_end, N, offs_n, mask_n,
+                                      FMT, GROUP, BLOCK_K)
+        for kk in range(0, k_per_split, BLOCK_K):
+            k0 = k_start + kk
+            qn, scn, zpn = _packed_tile_load(w_ptr, s_ptr, z_ptr, k0 + BLOCK_K, share_end, N, offs_n, mask_n,
+                                             FMT, GROUP, BLOCK_K)
+            acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
+            q, sc, zp = qn, scn, zpn
+    else:
+        for kk in range(0, k_per_split, BLOCK_K):
+            k0 = k_start + kk
+            q, sc, zp = _packed_tile_load(w_ptr, s_ptr, z_ptr, k0, K // 8, N, offs_n, mask_n, FMT, GROUP, BLOCK_K)
+            acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
     if PDL:  # the next kernel may launch (and wait on the device for this one to finish)
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=0)
@@ -481,33 +532,53 @@ def _packed_gemv1(
 
 
 @triton.jit
+def _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weights [BLOCK_N, BLOCK_K] at k0, as loaded (see ``_packed_tile_load``); past K: none."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                   other=0.0 if FMT == 3 or FMT == 5 else 0)
+
+
+@triton.jit
+def _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr,
+                       INT_DECODE: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K] plus one tile's products (``_rowmajor_gemv1``)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if FMT == 0 and INT_DECODE == 1:  # int8 q + 2^23 + 128 is 2^23's bits with q + 128 in the mantissa
+        wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        wf = w.to(tl.float32)
+    # x as a [1, BLOCK_K] tile, so it takes the weights' layout (a 1-D load would be
+    # converted through shared memory, with barriers, every iteration)
+    x = tl.load(x_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0).to(tl.float32)
+    return acc + wf * x
+
+
+@triton.jit
 def _rowmajor_gemv1(
     x_ptr, w_ptr, s_ptr, out_ptr, N, K,
     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_DECODE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """One row x [K] against row-major per-channel weights w [N, K] (int8, fp8, FMT_DENSE) into
     out [N] in out's dtype: a [BLOCK_N, BLOCK_K] float32 partial sum in registers, reduced along
-    K after the loop, then the per-channel scale. ``PDL``: as in ``_packed_gemv1``."""
+    K after the loop, then the per-channel scale. ``PDL``, ``PREFETCH``: as in ``_packed_gemv1``."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0 if FMT == 3 or FMT == 5 else 0)  # [BN, BK]
-        if FMT == 0 and INT_DECODE == 1:  # int8 q + 2^23 + 128 is 2^23's bits with q + 128 in the mantissa
-            wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        else:
-            wf = w.to(tl.float32)
-        # x as a [1, BLOCK_K] tile, so it takes the weights' layout (a 1-D load would be
-        # converted through shared memory, with barriers, every iteration)
-        x = tl.load(x_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-        acc += wf * x
+    if PREFETCH:
+        w = _rowmajor_tile_load(w_ptr, offs_n, mask_n, 0, K, FMT, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            wn = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0 + BLOCK_K, K, FMT, BLOCK_K)
+            acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
+            w = wn
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0, K, FMT, BLOCK_K)
+            acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(acc, axis=1)
@@ -529,10 +600,10 @@ ONE_ROW_TILES = {
 
 
 _packed_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["packed"]),
-                                       key=["N", "K", "FMT", "GROUP", "NF4_DECODE", "INT_DECODE"],
+                                       key=["N", "K", "FMT", "GROUP", "NF4_DECODE", "INT_DECODE", "PREFETCH"],
                                        reset_to_zero=["out_ptr"])(_packed_gemv1)
 _rowmajor_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["rowmajor"]),
-                                         key=["N", "K", "FMT", "INT_DECODE"])(_rowmajor_gemv1)
+                                         key=["N", "K", "FMT", "INT_DECODE", "PREFETCH"])(_rowmajor_gemv1)
 
 # One autotuner per kernel for one row and one for 2..GEMV_MAX_ROWS (BLOCK_M is in the key, so
 # each row count keeps its own choice).
@@ -546,10 +617,11 @@ _rowmajor_gemv_rows_kernel = triton.autotune(configs=gemv_configs(_rowmajor_gemv
                                              key=_GEMV_KEY)(_rowmajor_gemv)
 
 def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-           fmt: int, group: int, nf4_dec: int, dec: int, pdl: bool) -> torch.Tensor:
+           fmt: int, group: int, nf4_dec: int, dec: int, prefetch: bool, pdl: bool) -> torch.Tensor:
     """One row x2 [1, K] through the deferred-sum kernels: out [N], the packed formats' float32
     split-K sums (the caller casts them, so that under torch.compile the cast joins the next
-    generated kernel even when this call is the opaque PDL op), the row-major ones' in x2's dtype."""
+    generated kernel even when this call is the opaque PDL op), the row-major ones' in x2's dtype.
+    ``prefetch``: the kernels' PREFETCH (LLMOPT_GEMV_PREFETCH)."""
     k = x2.shape[-1]
     launch = {"launch_pdl": True} if pdl else {}  # not passed otherwise: dynamo traces the plain call
     if fmt in (FMT_INT4, FMT_NF4):
@@ -557,26 +629,26 @@ def _gemv1(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, 
         out = torch.zeros((n,), device=x2.device, dtype=torch.float32)
         _packed_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group,
-            NF4_DECODE=nf4_dec, INT_DECODE=dec, PDL=pdl, **launch)
+            NF4_DECODE=nf4_dec, INT_DECODE=dec, PDL=pdl, PREFETCH=prefetch, **launch)
         return out
     n = w.shape[0]
     out = torch.empty((n,), device=x2.device, dtype=x2.dtype)
     _rowmajor_gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x2, w, s, out, n, k, FMT=fmt, INT_DECODE=dec, PDL=pdl, **launch)
+        x2, w, s, out, n, k, FMT=fmt, INT_DECODE=dec, PDL=pdl, PREFETCH=prefetch, **launch)
     return out
 
 
 @torch.library.custom_op("llmopt::gemv1", mutates_args=())
 def gemv1_pdl_op(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-                 fmt: int, group: int, nf4_dec: int, dec: int) -> torch.Tensor:
+                 fmt: int, group: int, nf4_dec: int, dec: int, prefetch: bool) -> torch.Tensor:
     """The one-row kernels as programmatic dependent launches, opaque to torch.compile so that
     Triton's launcher (which takes ``launch_pdl``) starts them rather than inductor's."""
-    return _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, True)
+    return _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, prefetch, True)
 
 
 @gemv1_pdl_op.register_fake
 def _(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
-      fmt: int, group: int, nf4_dec: int, dec: int) -> torch.Tensor:
+      fmt: int, group: int, nf4_dec: int, dec: int, prefetch: bool) -> torch.Tensor:
     if fmt in (FMT_INT4, FMT_NF4):
         return x2.new_empty((w.shape[1],), dtype=torch.float32)
     return x2.new_empty((w.shape[0],))
@@ -584,12 +656,13 @@ def _(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
          fmt: int, group: int, one_row: str | None = None, int_decode: str | None = None,
-         nf4_decode: str | None = None, pdl: bool | None = None) -> torch.Tensor:
+         nf4_decode: str | None = None, pdl: bool | None = None,
+         prefetch: bool | None = None) -> torch.Tensor:
     """x [..., K] holding at most GEMV_MAX_ROWS rows, against any weight-only format
     (``FMT_*``); int4/nf4 codes [K/8, N], the byte formats (and FMT_DENSE) [N, K]; scales (and
     zeros) [G, N], per-channel ones [N]; with FMT_DENSE, s, z and lut are not read.
-    ``one_row``/``int_decode``/``nf4_decode``/``pdl`` override LLMOPT_GEMV_ONE_ROW/
-    LLMOPT_INT_DECODE/LLMOPT_NF4_DECODE/LLMOPT_KERNEL_PDL (benchmarks, tests)."""
+    ``one_row``/``int_decode``/``nf4_decode``/``pdl``/``prefetch`` override LLMOPT_GEMV_ONE_ROW/
+    LLMOPT_INT_DECODE/LLMOPT_NF4_DECODE/LLMOPT_KERNEL_PDL/LLMOPT_GEMV_PREFETCH (benchmarks, tests)."""
     k = x.shape[-1]
     packed = fmt in (FMT_INT4, FMT_NF4)
     n = w.shape[1] if packed else w.shape[0]
@@ -602,10 +675,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
+        pre = GEMV_PREFETCH if prefetch is None else prefetch
         if llmopt.kernels.KERNEL_PDL if pdl is None else pdl:
-            out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, nf4_dec, dec)
+            out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, nf4_dec, dec, pre)
         else:
-            out = _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, False)
+            out = _gemv1(x2, w, s, z, lut, fmt, group, nf4_dec, dec, pre, False)
         return out.to(x2.dtype).reshape(*x.shape[:-1], n)
     if not packed:  # one kernel, storing x's dtype
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
