@@ -40,7 +40,7 @@ for r in "$@"; do
     # format; LLMOPT_PDL=auto pairs inductor's kernels with them); dd: --dense-gemv rows through the
     # deferred-sum kernel (LLMOPT_DENSE_ONE_ROW=deferred), ddkpdl: that and kpdl; pf: the one-row
     # kernels load each next tile before computing (LLMOPT_GEMV_PREFETCH=1), pfkpdl: that and kpdl,
-    # pfdd: that and dd; or det:
+    # pfdd: that and dd, pfddkpdl: all three; or det:
     # inductor's deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1: no timed kernel choices); named RUN_V
     unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC LLMOPT_GEMV_PREFETCH
     case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
@@ -49,6 +49,7 @@ for r in "$@"; do
             dd) export LLMOPT_DENSE_ONE_ROW=deferred ;; ddkpdl) export LLMOPT_DENSE_ONE_ROW=deferred LLMOPT_KERNEL_PDL=1 ;;
             pf) export LLMOPT_GEMV_PREFETCH=1 ;; pfkpdl) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_KERNEL_PDL=1 ;;
             pfdd) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_DENSE_ONE_ROW=deferred ;;
+            pfddkpdl) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_DENSE_ONE_ROW=deferred LLMOPT_KERNEL_PDL=1 ;;
             det) export TORCHINDUCTOR_DETERMINISTIC=1 ;; *) echo "unknown variant $v"; continue ;; esac ;;
     esac
     case $r in *+regional) r=${r%+regional} name=${name/+regional/_regional} EXTRA="--compile-mode regional" ;; esac
