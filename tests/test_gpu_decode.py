@@ -242,7 +242,7 @@ def test_kernel_pdl_auto_on_a_gpu(monkeypatch) -> None:
     inner = T._gemv1
 
     def spy(*args):  # the PDL op's body runs at call time, opaque to dynamo (no guard on the list)
-        if args[-1]:
+        if args[-1]:  # _gemv1's last argument: pdl
             launched.append(True)
         return inner(*args)
 

@@ -36,6 +36,12 @@ def _formats(w: torch.Tensor, group: int) -> dict[str, tuple]:
     }
 
 
+def _in_dtype(args: tuple, dtype: torch.dtype) -> tuple:
+    """A ``_formats()`` entry with its float tensors (scales, zeros; not fp8 codes) in ``dtype``."""
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
+                 else a for a in args)
+
+
 def _dequant(fmt: str, args: tuple, k: int) -> torch.Tensor:
     if fmt == "int8":
         return ref.dequant_int8(args[0], args[1], torch.float64)
@@ -95,8 +101,7 @@ def test_triton_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], 
     args = _formats(w, group)[fmt]
     fn = {"int8": triton_wo.int8_matmul, "int8g": triton_wo.int8g_matmul, "int4": triton_wo.int4_matmul,
           "nf4": triton_wo.nf4_matmul, "fp8": triton_wo.fp8_matmul}[fmt]
-    dev_args = tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
-                     else a for a in args)
+    dev_args = _in_dtype(args, dtype)
     w_ref = _dequant(fmt, dev_args, k).float()
     for m in BATCHES:
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
@@ -134,8 +139,7 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], mo
     n, k, group = shape
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
-    args = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
-                 else a for a in _formats(w, group)[fmt])
+    args = _in_dtype(_formats(w, group)[fmt], torch.bfloat16)
     for m in (1, 3, 8):
         x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
         expect = x.double() @ _dequant(fmt, args, k).t()
@@ -155,8 +159,8 @@ def test_gemv_kernel_matches_reference(fmt: str, shape: tuple[int, int, int], mo
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8", "fp8", "dense"])
 def test_prefetching_one_row_kernels_match_reference(fmt: str) -> None:
     """LLMOPT_GEMV_PREFETCH=1 (each iteration issues the next tile's loads first) on the GPU:
-    the one-row kernels against float64 dequantise-matmul, on a 7B shape with a ragged tail of
-    splits (K = 4096 + 128), as a plain and as a programmatic dependent launch."""
+    the one-row kernels against float64 dequantise-matmul, with K = 4096 + 128 (a share of K
+    that does not split evenly), as a plain and as a programmatic dependent launch."""
     from llmopt.quant.kernels import triton_wo
 
     n, k, group = 1024, 4224, 128
@@ -167,8 +171,7 @@ def test_prefetching_one_row_kernels_match_reference(fmt: str) -> None:
         wd = w.to(torch.bfloat16)
         args, expect = (wd, wd, wd, wd, triton_wo.FMT_DENSE, 1 << 30), x.double() @ wd.double().t()
     else:
-        f = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
-                  else a for a in _formats(w, group)[fmt])
+        f = _in_dtype(_formats(w, group)[fmt], torch.bfloat16)
         args, expect = _gemv_args(fmt, f), x.double() @ _dequant(fmt, f, k).t()
     for pdl in (False, True):
         y = triton_wo.gemv(x, *args, one_row="deferred", int_decode="magic", pdl=pdl, prefetch=True)
@@ -355,7 +358,7 @@ _ONE_ROW_SCRIPT = r'''
 import sys, torch, triton
 from llmopt.quant.kernels import triton_wo as T
 sys.path.insert(0, sys.argv[1])
-from test_quant_kernels import _dequant, _formats, _gemv_args
+from test_quant_kernels import _dequant, _formats, _gemv_args, _in_dtype
 
 torch.manual_seed(0)
 worst = {}
@@ -367,8 +370,7 @@ for n, k, group in [(96, 576, 32), (64, 1024, 128)]:  # 576: K not a multiple of
     for fmt in ("int8", "int4", "nf4", "fp8"):
         if fmt == "fp8" and not hasattr(torch, "float8_e4m3fn"):
             continue
-        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1 else a
-                     for a in formats[fmt])
+        args = _in_dtype(formats[fmt], torch.float16)
         wt, s, z, lut, code, grp = _gemv_args(fmt, args)
         expect = x.double() @ _dequant(fmt, args, k).t()
         packed = fmt in ("int4", "nf4")

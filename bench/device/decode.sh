@@ -38,19 +38,26 @@ for r in "$@"; do
     # (LLMOPT_AUTOTUNE_POINTWISE=0) or neither; or kpdl/nokpdl: llmopt's own decode kernels as PDL
     # launches or not, whatever the format (LLMOPT_KERNEL_PDL=1/0; auto, the default, picks by
     # format; LLMOPT_PDL=auto pairs inductor's kernels with them); dd: --dense-gemv rows through the
-    # deferred-sum kernel (LLMOPT_DENSE_ONE_ROW=deferred), ddkpdl: that and kpdl; pf: the one-row
-    # kernels load each next tile before computing (LLMOPT_GEMV_PREFETCH=1), pfkpdl: that and kpdl,
-    # pfdd: that and dd, pfddkpdl: all three; or det:
+    # deferred-sum kernel (LLMOPT_DENSE_ONE_ROW=deferred); pf: the one-row kernels load each next
+    # tile before computing (LLMOPT_GEMV_PREFETCH=1); or det:
     # inductor's deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1: no timed kernel choices); named RUN_V
     unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC LLMOPT_GEMV_PREFETCH
     case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
-        case $v in nopdl) export LLMOPT_PDL=0 ;; noapw) export LLMOPT_AUTOTUNE_POINTWISE=0 ;;
-            neither) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0 ;; kpdl) export LLMOPT_KERNEL_PDL=1 ;; nokpdl) export LLMOPT_KERNEL_PDL=0 ;;
-            dd) export LLMOPT_DENSE_ONE_ROW=deferred ;; ddkpdl) export LLMOPT_DENSE_ONE_ROW=deferred LLMOPT_KERNEL_PDL=1 ;;
-            pf) export LLMOPT_GEMV_PREFETCH=1 ;; pfkpdl) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_KERNEL_PDL=1 ;;
-            pfdd) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_DENSE_ONE_ROW=deferred ;;
-            pfddkpdl) export LLMOPT_GEMV_PREFETCH=1 LLMOPT_DENSE_ONE_ROW=deferred LLMOPT_KERNEL_PDL=1 ;;
-            det) export TORCHINDUCTOR_DETERMINISTIC=1 ;; *) echo "unknown variant $v"; continue ;; esac ;;
+        rest=$v  # V is one or more of the names above written together (pfddkpdl: pf, dd, kpdl)
+        while [ -n "$rest" ]; do
+            case $rest in
+                nopdl*) export LLMOPT_PDL=0; rest=${rest#nopdl} ;;
+                noapw*) export LLMOPT_AUTOTUNE_POINTWISE=0; rest=${rest#noapw} ;;
+                neither*) export LLMOPT_PDL=0 LLMOPT_AUTOTUNE_POINTWISE=0; rest=${rest#neither} ;;
+                nokpdl*) export LLMOPT_KERNEL_PDL=0; rest=${rest#nokpdl} ;;
+                kpdl*) export LLMOPT_KERNEL_PDL=1; rest=${rest#kpdl} ;;
+                dd*) export LLMOPT_DENSE_ONE_ROW=deferred; rest=${rest#dd} ;;
+                pf*) export LLMOPT_GEMV_PREFETCH=1; rest=${rest#pf} ;;
+                det*) export TORCHINDUCTOR_DETERMINISTIC=1; rest=${rest#det} ;;
+                *) break ;;
+            esac
+        done
+        [ -n "$rest" ] && { echo "unknown variant $v"; continue; } ;;
     esac
     case $r in *+regional) r=${r%+regional} name=${name/+regional/_regional} EXTRA="--compile-mode regional" ;; esac
     # RUN+fused: with --fuse-projections (q/k/v and gate/up joined; the default for quantised
