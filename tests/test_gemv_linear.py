@@ -75,3 +75,59 @@ def test_out_swap_takes_only_the_output_projections() -> None:
         assert torch.equal(model(ids).float(), before)
     with pytest.raises(ValueError, match="which"):
         use_gemv_linears(model, "qkv")
+
+
+def test_default_swap_follows_the_device_and_the_model(monkeypatch) -> None:
+    """An unset --dense-gemv: o_proj and down_proj on a GPU of compute capability 9.0 or later
+    when they are plain half-precision linears; nothing on CPU, older GPUs, float32 or quantised
+    models. (The rule reads module types and the capability only: a CPU model stands in.)"""
+    from llmopt.models.gemv_linear import gemv_by_default
+    from llmopt.quant import quantize_
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    bf16 = random_model(preset_config("tiny"), cpu, torch.bfloat16, seed=5)
+    f32 = random_model(preset_config("tiny"), cpu, torch.float32, seed=5)
+    int8 = quantize_(random_model(preset_config("tiny"), cpu, torch.bfloat16, seed=5), "int8")
+    assert gemv_by_default(bf16, cpu) == "none"
+    for cap, want in (((8, 0), "none"), ((10, 0), "out"), ((9, 0), "out")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        assert gemv_by_default(bf16, cuda) == want, cap
+    assert gemv_by_default(f32, cuda) == "none"
+    assert gemv_by_default(int8, cuda) == "none"
+    use_gemv_linears(bf16, "out")
+    assert gemv_by_default(bf16, cuda) == "out"  # already swapped: still the choice
+
+
+def test_generator_swaps_what_it_is_asked_and_pdl_follows(monkeypatch) -> None:
+    """Generator(dense_gemv=...): "out" and "all" swap (eager too), "none" and an eager default
+    swap nothing, a bad choice is a UserError; a model with swapped linears and no quantised ones
+    takes llmopt's PDL launches under LLMOPT_KERNEL_PDL=auto (so inductor's stay on)."""
+    import pytest
+
+    from llmopt.engine.compile import _row_major_one_row_formats, use_pdl
+    from llmopt.engine.generate import Generator
+    from llmopt.errors import UserError
+
+    cpu = torch.device("cpu")
+
+    def bf16():
+        return random_model(preset_config("tiny"), cpu, torch.bfloat16, seed=5)
+
+    m = bf16()
+    assert Generator(m, None, cpu).dense_gemv_modules == 0
+    assert not _row_major_one_row_formats(m)
+    g = Generator(m, None, cpu, dense_gemv="out")
+    assert (g.dense_gemv, g.dense_gemv_modules) == ("out", 2 * len(m.model.layers))
+    assert Generator(m, None, cpu).dense_gemv_modules == 2 * len(m.model.layers)  # counts what is there
+    assert _row_major_one_row_formats(m)
+    monkeypatch.delenv("LLMOPT_PDL", raising=False)
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "1")
+    assert use_pdl(m)
+    monkeypatch.setenv("LLMOPT_KERNEL_PDL", "0")
+    assert not use_pdl(m)  # opaque kernels that are not PDL launches: inductor's off too
+    all_swapped = bf16()
+    n_plain = sum(type(x) is nn.Linear for x in all_swapped.modules())
+    assert Generator(all_swapped, None, cpu, dense_gemv="all").dense_gemv_modules == n_plain
+    assert Generator(bf16(), None, cpu, dense_gemv="none").dense_gemv_modules == 0
+    with pytest.raises(UserError, match="dense_gemv"):
+        Generator(bf16(), None, cpu, dense_gemv="qkv")

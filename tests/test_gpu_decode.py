@@ -169,26 +169,53 @@ def test_dense_gemv_swap_matches_linear_and_decodes_the_same() -> None:
     assert gen.generate(prompt, params)[0].token_ids == ref
 
 
-def test_dense_gemv_out_projections_decode_the_same() -> None:
-    """--dense-gemv out: only o_proj and down_proj take the one-row kernel (down_proj's input,
-    silu(gate) * up, then comes from the compiler's kernels into the opaque matmul); compiled
-    batch-1 greedy decode keeps the unswapped model's tokens up to near ties."""
+def test_dense_gemv_out_by_default_decodes_the_same(monkeypatch) -> None:
+    """An unset --dense-gemv on a Hopper GPU: a compiled bf16 model's o_proj and down_proj take the
+    one-row kernel (down_proj's input, silu(gate) * up, then comes from the compiler's kernels into
+    the opaque matmul), as prefetching (LLMOPT_GEMV_PREFETCH auto) PDL launches (LLMOPT_KERNEL_PDL
+    auto) at the first run and at replays; batch-1 greedy decode keeps the unswapped model's
+    tokens up to near ties; the eager model's quantised rows keep prefetch off."""
     import copy
 
     from tests.helpers import assert_greedy_up_to_ties
 
-    from llmopt.models.gemv_linear import GemvLinear, use_gemv_linears
+    import llmopt.kernels
+    from llmopt.engine.compile import kernel_pdl
+    from llmopt.models.gemv_linear import GemvLinear
+    from llmopt.quant.kernels import triton_wo as T
 
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the default swap is for Hopper or later")
+    for name in ("LLMOPT_KERNEL_PDL", "LLMOPT_GEMV_PREFETCH", "LLMOPT_DENSE_ONE_ROW"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(llmopt.kernels, "KERNEL_PDL", False)  # auto's eager value
+    monkeypatch.setattr(T, "GEMV_PREFETCH", None)  # auto
+    calls: list[tuple[int, bool, bool]] = []
+    inner = T._gemv1
+
+    def spy(*args):  # runs at call time (the PDL op's body is opaque to dynamo)
+        calls.append((args[5], args[-2], args[-1]))  # fmt, prefetch, pdl
+        return inner(*args)
+
+    monkeypatch.setattr(T, "_gemv1", spy)
     model = _tiny_cuda(torch.bfloat16)
     plain = copy.deepcopy(model)
-    assert use_gemv_linears(model, "out") == 2 * len(model.model.layers)
-    layer = model.model.layers[0]
-    assert type(layer.self_attn.o_proj) is GemvLinear and type(layer.mlp.down_proj) is GemvLinear
-    assert type(layer.mlp.gate_proj) is torch.nn.Linear
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     gen = Generator(model, None, torch.device("cuda"), compile=True, compile_mode="regional",
                     max_seq_len=256)
-    assert_greedy_up_to_ties(plain, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
+    assert (gen.dense_gemv, gen.dense_gemv_modules) == ("out", 2 * len(model.model.layers))
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.o_proj) is GemvLinear and type(layer.mlp.down_proj) is GemvLinear
+    assert type(layer.mlp.gate_proj) is torch.nn.Linear and kernel_pdl(model)
+    for _ in range(2):  # the first run (compiles, captures) and a replay
+        assert_greedy_up_to_ties(plain, [5, 6, 7, 8], gen.generate([[5, 6, 7, 8]], params)[0].token_ids)
+    assert calls and set(calls) == {(T.FMT_DENSE, True, True)}
+    calls.clear()
+    w8 = torch.randint(-127, 128, (256, 512), device="cuda", dtype=torch.int8)
+    s8 = torch.rand(256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    T.gemv(x, w8, s8, s8, s8, T.FMT_INT8, 1 << 30, one_row="deferred")
+    assert calls == [(T.FMT_INT8, False, False)]
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4-g32", "nf4", "fp8"])

@@ -37,9 +37,10 @@ for r in "$@"; do
     # default) changed, in its own cache: V = nopdl (LLMOPT_PDL=0), noapw
     # (LLMOPT_AUTOTUNE_POINTWISE=0) or neither; or kpdl/nokpdl: llmopt's own decode kernels as PDL
     # launches or not, whatever the format (LLMOPT_KERNEL_PDL=1/0; auto, the default, picks by
-    # format; LLMOPT_PDL=auto pairs inductor's kernels with them); dd: --dense-gemv rows through the
-    # deferred-sum kernel (LLMOPT_DENSE_ONE_ROW=deferred); pf: the one-row kernels load each next
-    # tile before computing (LLMOPT_GEMV_PREFETCH=1); or det:
+    # format; LLMOPT_PDL=auto pairs inductor's kernels with them); dd/rd: --dense-gemv rows through
+    # the deferred-sum or the few-row kernel (LLMOPT_DENSE_ONE_ROW=deferred, the default, or
+    # reduce); pf/nopf: the one-row kernels load each next tile before computing, or never
+    # (LLMOPT_GEMV_PREFETCH=1/0; auto, the default, for unquantised rows only); or det:
     # inductor's deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1: no timed kernel choices); named RUN_V
     unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC LLMOPT_GEMV_PREFETCH
     case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
@@ -52,7 +53,9 @@ for r in "$@"; do
                 nokpdl*) export LLMOPT_KERNEL_PDL=0; rest=${rest#nokpdl} ;;
                 kpdl*) export LLMOPT_KERNEL_PDL=1; rest=${rest#kpdl} ;;
                 dd*) export LLMOPT_DENSE_ONE_ROW=deferred; rest=${rest#dd} ;;
+                rd*) export LLMOPT_DENSE_ONE_ROW=reduce; rest=${rest#rd} ;;
                 pf*) export LLMOPT_GEMV_PREFETCH=1; rest=${rest#pf} ;;
+                nopf*) export LLMOPT_GEMV_PREFETCH=0; rest=${rest#nopf} ;;
                 det*) export TORCHINDUCTOR_DETERMINISTIC=1; rest=${rest#det} ;;
                 *) break ;;
             esac
@@ -77,6 +80,9 @@ for r in "$@"; do
         l2-7b_ctx4000_gemv) run $name $L7 --dense-gemv --prompt-len 3896 --new-tokens 200 --runs 3 ;;
         # --dense-gemv out: only o_proj and down_proj through the one-row kernel (models/gemv_linear.py)
         l2-7b_b1_gemvout) run $name $L7 --dense-gemv out --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        # --dense-gemv none: the compiler's matmuls everywhere (before the fourteenth session's default)
+        l2-7b_b1_nogemv) run $name $L7 --dense-gemv none --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l2-7b_ctx4000_nogemv) run $name $L7 --dense-gemv none --prompt-len 3896 --new-tokens 200 --runs 3 ;;
         l2-7b_ctx4000_gemvout) run $name $L7 --dense-gemv out --prompt-len 3896 --new-tokens 200 --runs 3 ;;
         l2-7b_b1_fused) run $name $L7 --fuse-projections --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_nocd) LLMOPT_COORDINATE_DESCENT=0 LLMOPT_CACHE=/tmp/llmopt-cache-nocd run $name $L7 --prompt-len 5 --new-tokens 200 --runs 5 ;;

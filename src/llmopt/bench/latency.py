@@ -79,6 +79,8 @@ class BenchResult:
     start_to_first_token_s: float
     start_to_first_run_done_s: float  # load + every compile + one whole generation
     versions: dict[str, str]
+    dense_gemv: str = "none"  # which plain linears took llmopt's one-row kernel (models.gemv_linear)
+    dense_gemv_modules: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -157,6 +159,7 @@ def run_latency_bench(
     profile_dir: Path | None = None,
     compile_prefill: bool = False,
     fuse_projections: bool | None = None,
+    dense_gemv: str | None = None,
 ) -> BenchResult:
     """Under tensor parallelism ``model`` is one rank's shard, and the roofline is that rank's:
     its weights and the KV heads its attention holds."""
@@ -165,7 +168,7 @@ def run_latency_bench(
     max_seq = cfg.prompt_len + cfg.new_tokens
     gen = Generator(model, None, device, compile=compile, compile_mode=compile_mode,
                     max_seq_len=-(-max_seq // 256) * 256, compile_prefill=compile_prefill,
-                    fuse_projections=fuse_projections)
+                    fuse_projections=fuse_projections, dense_gemv=dense_gemv)
     g = torch.Generator().manual_seed(cfg.seed)
     prompts = torch.randint(3, config.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()
     params = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=0, ignore_eos=True)
@@ -215,6 +218,7 @@ def run_latency_bench(
         load_s=load_s, first_run_s=first_run_s, compile_s=compile_s,
         start_to_first_token_s=start_to_first_token,
         start_to_first_run_done_s=(t0 - t_process_start) + first_run_s, versions=versions(device),
+        dense_gemv=gen.dense_gemv, dense_gemv_modules=gen.dense_gemv_modules,
     )
 
 
@@ -238,6 +242,8 @@ def format_table(r: BenchResult) -> str:
         ("device / dtype", f"{r.device} / {r.dtype}"),
         ("attention / compile", f"{r.attention} / {r.compile_mode if r.compile else 'eager'}"),
         ("quantisation", (r.quant or "none") + (", q/k/v and gate/up fused" if r.fuse_projections else "")),
+        *([("one-row kernel", f"{r.dense_gemv_modules} linears ({'o_proj, down_proj' if r.dense_gemv == 'out' else 'all'})")]
+          if r.dense_gemv_modules else []),
         *([("PDL launches", ", ".join(f"{who}'s kernels {'on' if on else 'off'}" for who, on in r.extra["pdl"].items()))]
           if "pdl" in r.extra else []),
         *([("tensor parallel", f"{r.extra['tp']} ranks, {r.extra['allreduce']} all-reduce "

@@ -30,11 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fuse q/k/v and gate/up matmuls into one each (default: on for weight-only "
                         "quantised models compiled on one GPU, where one launch instead of three or two "
                         "measured faster in every format; off for bf16, measured slower on an H200)")
-    p.add_argument("--dense-gemv", nargs="?", const="all", default=None, choices=("all", "out"),
-                   help="bf16/fp16 matmuls at batch 1 through llmopt's one-row Triton kernel "
-                        "instead of the compiler's or cuBLAS's: all of them (the default), or "
-                        "'out', only each layer's o_proj and down_proj (GPU; for experiments; "
-                        "LLMOPT_DENSE_ONE_ROW=reduce|deferred picks which one-row kernel)")
+    p.add_argument("--dense-gemv", nargs="?", const="all", default=None, choices=("all", "out", "none"),
+                   help="with --compile, bf16/fp16 matmuls at batch 1 through llmopt's one-row Triton "
+                        "kernel instead of the compiler's: 'out', each layer's o_proj and down_proj "
+                        "(the default on one Hopper GPU, measured faster), 'all' (a bare --dense-gemv), "
+                        "or 'none'")
     p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from llmopt.parallel import maybe_launch
 
     tp_n = getattr(args, "tp", 1)
-    if tp_n > 1 and args.dense_gemv:
+    if tp_n > 1 and args.dense_gemv not in (None, "none"):
         raise UserError("--dense-gemv cannot be combined with --tp (it swaps the split linears)")
     rc = maybe_launch(args)
     if rc is not None:  # this process started the --tp ranks; they have finished
@@ -68,11 +68,6 @@ def run(args: argparse.Namespace) -> int:
     if needed > lm.config.max_position_embeddings:
         raise UserError(f"prompt-len + new-tokens = {needed} exceeds the model's context "
                         f"({lm.config.max_position_embeddings})")
-    swapped = 0
-    if args.dense_gemv:
-        from llmopt.models.gemv_linear import use_gemv_linears
-
-        swapped = use_gemv_linears(lm.model, args.dense_gemv)
     from llmopt.attention.base import resolve_backend_name
 
     attention = resolve_backend_name(args.attention, lm.device)
@@ -82,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         attention=attention, compile=args.compile, compile_mode=args.compile_mode,
         quant=getattr(args, "quant", None), load_s=lm.load_seconds, t_process_start=T_PROCESS_START,
         profile_dir=Path(args.profile) if args.profile else None, compile_prefill=args.compile_prefill,
-        fuse_projections=args.fuse_projections,
+        fuse_projections=args.fuse_projections, dense_gemv=args.dense_gemv,
     )
     if tp is not None:
         result.extra.update(tp=tp.world_size, per_rank_roofline=True,
@@ -105,9 +100,6 @@ def run(args: argparse.Namespace) -> int:
         out["env"] = settings_env()
         if settings is not None:
             out["inductor_settings"] = settings
-        if args.dense_gemv:
-            out["dense_gemv"] = args.dense_gemv
-            out["dense_gemv_modules"] = swapped
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
             from llmopt.quant.kernels import gpu_kernel_choice
 

@@ -120,7 +120,10 @@ def kernel_pdl(model: Any) -> bool:
     288.4, int4 (torch's tinygemm, never a PDL launch) 332.2 against 357.9 to 370.5, bf16 at
     80.9% of roofline against 80.7%. With the packed formats' PDL op returning float32 sums
     (thirteenth session, h200_s13a and h200x2_s13b), nf4 and int4 pairs split both ways within
-    the run-to-run spread (nf4 281.0 against 288.9 and 303.6 against 285.4), so they stay off."""
+    the run-to-run spread (nf4 281.0 against 288.9 and 303.6 against 285.4), so they stay off.
+    Unquantised models whose o_proj and down_proj take llmopt's one-row kernel (``--dense-gemv``,
+    by default on one Hopper GPU) turn it on too: measured only that way (fourteenth session,
+    h200_s14*), and with those kernels not PDL launches inductor's would be off (``use_pdl``)."""
     import torch
 
     from llmopt.errors import env_choice
@@ -138,12 +141,16 @@ def kernel_pdl(model: Any) -> bool:
 
 
 def _row_major_one_row_formats(model: Any) -> bool:
-    """Whether ``model`` is weight-only quantised and every quantised linear is int8 per channel
-    or weight-only fp8 (the formats ``kernel_pdl`` turns PDL on for)."""
+    """Whether every linear of ``model`` that runs llmopt's kernels is int8 per channel,
+    weight-only fp8 or a swapped plain one (``GemvLinear``), and there is one (the models
+    ``kernel_pdl`` turns PDL on for)."""
+    from llmopt.models.gemv_linear import GemvLinear
     from llmopt.quant.linear import FP8Linear, Int8Linear, QuantLinear
 
     quantised = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    return bool(quantised) and all(
+    if not quantised:
+        return any(isinstance(m, GemvLinear) for m in model.modules())
+    return all(
         (type(m) is Int8Linear and not m.group_size) or (type(m) is FP8Linear and m.mode == "dequant")
         for m in quantised)
 

@@ -49,6 +49,7 @@ class Generator:
         max_seq_len: int | None = None,
         compile_prefill: bool = False,
         fuse_projections: bool | None = None,
+        dense_gemv: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -61,6 +62,19 @@ class Generator:
         self._prefill_fn = model
         self.compile_mode: str | None = None
         self.fused_projections = False  # q/k/v and gate/up joined (compiled models only)
+        # Which plain linears take llmopt's one-row kernel. None: o_proj and down_proj in a model
+        # compiled on one Hopper GPU, where that measured faster in bf16 (gemv_by_default), else
+        # none. Swapped before fusing, which then joins the swapped modules as it does plain ones.
+        from llmopt.models.gemv_linear import CHOICES, GemvLinear, gemv_by_default, use_gemv_linears
+
+        if dense_gemv is None:
+            dense_gemv = gemv_by_default(model, device) if compile else "none"
+        if dense_gemv not in CHOICES:
+            raise UserError(f"dense_gemv must be one of {', '.join(CHOICES)}, not {dense_gemv!r}")
+        self.dense_gemv = dense_gemv
+        if dense_gemv != "none":
+            use_gemv_linears(model, dense_gemv)  # a second generator of the model finds them swapped
+        self.dense_gemv_modules = sum(type(m) is GemvLinear for m in model.modules())
         if compile:
             from llmopt.engine.compile import (
                 CompiledLayers,

@@ -4,25 +4,26 @@ single input row (batch-1 decode) goes to llmopt's one-row Triton kernel
 outputs, one kernel per matmul); any other input goes to ``F.linear`` as before.
 
 Alone on an H200, that kernel ran the 4096 x 4096 layer at 98% of the copy bandwidth against
-cuBLAS's 80% (``bench/results/decode/h200_s6a_wo_kernels.json``). Whether it beats the compiled
-decode step's own matmuls is for ``llmopt bench --dense-gemv`` to measure; the swap is opt-in
-until then. Quantised, fused or sharded modules are not plain ``nn.Linear`` and are left alone;
-swapped modules that read the same input can be fused afterwards (``models.fusion``).
+cuBLAS's 80% (``bench/results/decode/h200_s6a_wo_kernels.json``). Quantised, fused or sharded
+modules are not plain ``nn.Linear`` and are left alone; swapped modules that read the same input
+can be fused afterwards (``models.fusion``).
 
-Swapping every linear lost (above and below): the compiled step's q/k/v and gate/up kernels,
-with the RMSNorm folded in, already ran near the copy bandwidth in the TP=1 profile
-(``bench/results/tp/h200x2_s13a/profile``, 7B: gate/up 45.9 us per layer for 180 MB, 3.9 TB/s),
-while its o_proj (11.9 us, 33.5 MB) and down_proj (32.9 us, 90 MB) ran at 2.7-2.8 TB/s, where
-the one-row kernels alone made 3.3-3.8 TB/s (``h200x2_s8_wo_kernels.json``). ``which="out"``
-(``--dense-gemv out``) swaps only those two; not yet measured in the model. (Which kernels run
-slow moves between compiles: the seventh session's profile had q/k/v and down at 3.1 TB/s.)
+Swapping every linear (``which="all"``, ``--dense-gemv all``) lost: the compiled step's q/k/v and
+gate/up kernels, with the RMSNorm folded in, already ran near the copy bandwidth in the TP=1
+profile (``bench/results/tp/h200x2_s13a/profile``, 7B: gate/up 45.9 us per layer for 180 MB,
+3.9 TB/s), while its o_proj (11.9 us, 33.5 MB) and down_proj (32.9 us, 90 MB) ran at 2.7-2.8
+TB/s. ``which="out"`` swaps only those two, and won: 7B, batch 1, one H200, four compiles each
+(``bench/results/decode/h200_s14*``), 254.4, 241.7, 254.4, 254.4 tok/s against 242.2, 242.0,
+241.1, 235.7 without the swap; at a 4,096-token context 223.9 and 224.0 against 215.8 and 210.3.
+So ``gemv_by_default`` makes it what a compiled bf16 model on one Hopper GPU gets, as
+``engine.generate.Generator`` applies it (``--dense-gemv none`` turns it off).
 
 LLMOPT_DENSE_ONE_ROW, read and checked at import: which one-row kernel a swapped module's row
-takes. "reduce" (default; the seventh session's measurement, 221.3 tok/s against 224.0 without
-the swap) the few-row kernel, which sums each tile as it goes; "deferred" the deferred-sum kernel
-the quantised formats use at batch 1 (``triton_wo._rowmajor_gemv1``), which alone can be a
-programmatic dependent launch (LLMOPT_KERNEL_PDL=1). 7B, batch 1, fused projections, one H200:
-231.6 tok/s, 228.7 with PDL, against 236.1 without the swap (bench/results/decode/h200_s13a).
+takes. "deferred" (default; the measurement above) the deferred-sum kernel the quantised formats
+use at batch 1 (``triton_wo._rowmajor_gemv1``, which loads each next tile before it sums the last
+one, LLMOPT_GEMV_PREFETCH, and can be a programmatic dependent launch, LLMOPT_KERNEL_PDL); "reduce"
+the few-row kernel, which sums each tile as it goes (seventh session, every linear swapped:
+221.3 tok/s against 224.0 without the swap).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 
 from llmopt.errors import env_choice
 
-DENSE_ONE_ROW = env_choice("LLMOPT_DENSE_ONE_ROW", "reduce", ("reduce", "deferred"))
+DENSE_ONE_ROW = env_choice("LLMOPT_DENSE_ONE_ROW", "deferred", ("deferred", "reduce"))
 
 
 class GemvLinear(nn.Linear):
@@ -50,6 +51,7 @@ class GemvLinear(nn.Linear):
 
 # ``use_gemv_linears``' choices: every plain linear, or only each layer's output projections
 SWAPS = ("all", "out")
+CHOICES = (*SWAPS, "none")  # --dense-gemv; unset: gemv_by_default
 # The output projections: their inputs are the attention's output and silu(gate) * up, never a
 # normalised hidden state, so the compiler fuses no norm into them (it does into q/k/v and
 # gate/up), and they are the matmuls it ran furthest from the copy bandwidth.
@@ -76,3 +78,20 @@ def use_gemv_linears(model: nn.Module, which: str = "all") -> int:
             new.bias = child.bias
         setattr(parent, name, new)
     return len(swaps)
+
+
+def gemv_by_default(model: nn.Module, device: torch.device) -> str:
+    """What an unset ``--dense-gemv`` means for a compiled model: ``"out"`` on one GPU of compute
+    capability 9.0 or later (where it was measured: see the module's docstring) when each layer's
+    o_proj is still a plain bf16 or fp16 ``nn.Linear``, else ``"none"`` (CPU, quantised or
+    sharded models, older GPUs)."""
+    from llmopt.engine.compile import _sharded
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if device.type != "cuda" or not layers or _sharded():
+        return "none"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "none"
+    o = getattr(layers[0].self_attn, "o_proj", None)
+    plain = type(o) in (nn.Linear, GemvLinear) and o.weight.dtype in (torch.bfloat16, torch.float16)
+    return "out" if plain else "none"

@@ -50,8 +50,9 @@ GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) ta
 #   one-row kernels ``_packed_gemv1`` and ``_rowmajor_gemv1``, which keep per-position partial
 #   sums and reduce once (every format but int8-gN, which stays on the few-row kernel); "reduce"
 #   the few-row kernels, which sum each tile as they go. int8 292.3 tok/s against 284.6, fp8
-#   298.6 against 251.8, nf4 135.0 against 99.8. Unquantised rows (``--dense-gemv``) stay on the
-#   few-row kernel unless ``gemv(one_row="deferred")`` asks.
+#   298.6 against 251.8, nf4 135.0 against 99.8. Unquantised rows take the few-row kernel unless
+#   ``gemv(one_row="deferred")`` asks, as ``--dense-gemv``'s modules do by default
+#   (LLMOPT_DENSE_ONE_ROW, ``models.gemv_linear``).
 # - LLMOPT_INT_DECODE, how the deferred kernels turn integer codes into floats: "magic" (default)
 #   the exponent trick (``triton_wo._nibble_float``), int8 292.3 tok/s; "cvt" a conversion
 #   instruction, 204.8. The values are the kernels' INT_DECODE constants.
@@ -65,17 +66,22 @@ GEMV_MAX_ROWS = 8  # the most input rows the few-row kernels (triton_wo.gemv) ta
 #   (``_nf4_select``), about 10 selects per weight: 112.8 against 135.0 for "lut". The few-row
 #   kernel takes "select" at one row and uses "lut" otherwise (with 8 rows' accumulators live the
 #   tree spills on sm_90).
-# - LLMOPT_GEMV_PREFETCH, "0" (default) or "1": the one-row kernels issue the next tile's weight
-#   loads before computing on the current one (``triton_wo._packed_gemv1``'s PREFETCH). In SASS
-#   (sm_90) an int4 tile costs about 600 instructions per thread per iteration, so without it
+# - LLMOPT_GEMV_PREFETCH, "auto" (default), "1" or "0": the one-row kernels issue the next tile's
+#   weight loads before computing on the current one (``triton_wo._packed_gemv1``'s PREFETCH). In
+#   SASS (sm_90) an int4 tile costs about 600 instructions per thread per iteration, so without it
 #   each iteration waits out a load's latency and then computes, with about 8 warps per SM to
-#   cover the wait (N = 4096: 256 programs of 4 warps). Not yet measured: opt-in.
+#   cover the wait (N = 4096: 256 programs of 4 warps). Measured in the 7B model on one H200
+#   (bench/results/decode/h200_s14*): it lost in every quantised format whose one-row kernel
+#   runs (int8 266.1 tok/s against 316.8, fp8 296.4 against 336.6, nf4 259.0 against 269.0) and
+#   won for unquantised rows (``--dense-gemv out``: 254.4 against 249.3, 241.7 against 237.1,
+#   223.9 against 219.8 at a 4,096-token context), so ``auto`` prefetches FMT_DENSE rows only.
 INT_DECODES = {"cvt": 0, "magic": 1}
 NF4_DECODES = {"lut": 0, "select": 1, "prmt": 2}  # the deferred kernel's NF4_DECODE constants
 ONE_ROW = env_choice("LLMOPT_GEMV_ONE_ROW", "deferred", ("deferred", "reduce"))
 INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", tuple(INT_DECODES))
 NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "prmt", tuple(NF4_DECODES))
-GEMV_PREFETCH = env_choice("LLMOPT_GEMV_PREFETCH", "0", ("0", "1")) == "1"
+# None (auto): FMT_DENSE rows only
+GEMV_PREFETCH = {"auto": None, "1": True, "0": False}[env_choice("LLMOPT_GEMV_PREFETCH", "auto", ("auto", "1", "0"))]
 
 
 def gpu_kernel_choice() -> str:

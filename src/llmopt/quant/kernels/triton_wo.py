@@ -675,7 +675,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut
     deferred = one_row == "deferred" or (one_row is None and ONE_ROW == "deferred" and fmt != FMT_DENSE)
     if m == 1 and deferred and fmt != FMT_INT8G:
         dec = DECODES[int_decode or INT_DECODE]
-        pre = GEMV_PREFETCH if prefetch is None else prefetch
+        pre = prefetch if prefetch is not None else GEMV_PREFETCH if GEMV_PREFETCH is not None else fmt == FMT_DENSE
         if llmopt.kernels.KERNEL_PDL if pdl is None else pdl:
             out = gemv1_pdl_op(x2, w, s, z, lut, fmt, group, nf4_dec, dec, pre)
         else:
