@@ -1,7 +1,7 @@
 """Plot decode tokens/s against the memory-bandwidth roofline from committed `llmopt bench` JSONs.
 
     python bench/plot_decode.py [--out docs/decode_roofline.png] [JSON ...]
-        (default: every bench/results/decode/*.json)
+        (default: every bench/results/decode/*.json, and the runs of the folders in DEFAULTS_RUNS)
 
 Each bar pair is one run: the roofline (bytes read per step / the copy bandwidth measured in the
 same run) and the measured decode tokens/s, labelled with the fraction. Needs matplotlib
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Later sessions keep each device call's runs in a folder; these hold the current defaults' runs.
+DEFAULTS_RUNS = ("h200_s14d",)
 
 
 def _kernel(r: dict) -> str | None:
@@ -43,6 +45,8 @@ def _label(r: dict) -> str:
     mode = {"regional": "regional", "reduce-overhead": "whole"}.get(r.get("compile_mode"), r.get("compile_mode"))
     extra = f", ctx {cfg['prompt_len']}" if cfg.get("prompt_len", 5) > 5 else ""
     extra += ", fused" if r.get("fuse_projections") else ""
+    gemv = r.get("dense_gemv")
+    extra += {"out": ", o/down one-row", "all": ", all one-row"}.get(gemv, "") if gemv else ""
     st = r.get("inductor_settings")  # recorded since the ninth session: PDL, wider autotuning
     if st:
         extra += ", " + ("+".join(k for k, key in (("PDL", "pdl"), ("apw", "autotune_pointwise")) if st[key]) or "no PDL/apw")
@@ -88,7 +92,8 @@ def main() -> int:
     p.add_argument("json", nargs="*", type=Path)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "decode_roofline.png")
     args = p.parse_args()
-    paths = args.json or sorted((ROOT / "bench" / "results" / "decode").glob("*.json"))
+    decode = ROOT / "bench" / "results" / "decode"
+    paths = args.json or sorted(decode.glob("*.json")) + [p for d in DEFAULTS_RUNS for p in sorted((decode / d).glob("*.json"))]
     runs = load_runs(paths)
     if not runs:
         print("plot_decode: no GPU decode JSON with a roofline among the inputs", file=sys.stderr)

@@ -143,6 +143,7 @@ for r in "$@"; do
         tpbench_tp1) timeout ${RUN_S:-420} python3 -m llmopt.parallel.tpbench decode --tp 1 --model preset:llama-2-7b \
                 --mode regional --out "$OUT/tpbench_tp1.json" 2>&1 | tail -2 | tee -a "$OUT/log.txt" ;;
         l3-8b_b1) run $name --model preset:llama-3-8b --compile --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        l3-8b_b1_nogemv) run $name --model preset:llama-3-8b --compile --dense-gemv none --prompt-len 5 --new-tokens 200 --runs 5 ;;
         *) echo "unknown run $r" ;;
     esac
 done

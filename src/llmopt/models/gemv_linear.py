@@ -15,6 +15,7 @@ profile (``bench/results/tp/h200x2_s13a/profile``, 7B: gate/up 45.9 us per layer
 TB/s. ``which="out"`` swaps only those two, and won: 7B, batch 1, one H200, four compiles each
 (``bench/results/decode/h200_s14*``), 254.4, 241.7, 254.4, 254.4 tok/s against 242.2, 242.0,
 241.1, 235.7 without the swap; at a 4,096-token context 223.9 and 224.0 against 215.8 and 210.3.
+On Llama-3-8B's shape it did not gain: 210.1 and 226.8 against 226.0 and 227.8 (h200_s14e/f).
 So ``gemv_by_default`` makes it what a compiled bf16 model on one Hopper GPU gets, as
 ``engine.generate.Generator`` applies it (``--dense-gemv none`` turns it off).
 
