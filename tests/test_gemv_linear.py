@@ -131,3 +131,19 @@ def test_generator_swaps_what_it_is_asked_and_pdl_follows(monkeypatch) -> None:
     assert Generator(bf16(), None, cpu, dense_gemv="none").dense_gemv_modules == 0
     with pytest.raises(UserError, match="dense_gemv"):
         Generator(bf16(), None, cpu, dense_gemv="qkv")
+
+
+def test_swap_keeps_the_module_and_its_hooks() -> None:
+    """The swap changes each module's class in place: the same object, its forward hooks (a
+    tensor-parallel row shard's all-reduce is one) still run, and a second swap finds nothing."""
+    model = random_model(preset_config("tiny"), torch.device("cpu"), torch.bfloat16, seed=6)
+    o = model.model.layers[0].self_attn.o_proj
+    o.register_forward_hook(lambda mod, args, out: out + 1.0)
+    x = torch.randn(1, 3, o.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = o(x)
+        assert torch.equal(before, torch.nn.functional.linear(x, o.weight) + 1.0)
+        assert use_gemv_linears(model, "out") == 2 * len(model.model.layers)
+        assert model.model.layers[0].self_attn.o_proj is o and type(o) is GemvLinear
+        assert torch.equal(o(x), before)
+    assert use_gemv_linears(model, "out") == 0

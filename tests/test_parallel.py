@@ -144,6 +144,24 @@ def _worker(rank: int, port: int, out_dir: str, ckpt: str) -> None:
         # one KV head, replicated on both ranks: each rank's q/k/v shards still join
         compare("int4-g32-fused", _build(preset_config("tiny").replace(num_kv_heads=1)), "int4-g32", fuse=True)
 
+    # --dense-gemv out on a sharded bf16 model: o_proj and down_proj are row shards, whose
+    # all-reduce hook must survive the swap (on CPU the swapped modules compute with F.linear).
+    from llmopt.models.gemv_linear import GemvLinear, use_gemv_linears
+
+    bf16 = random_model(preset_config("tiny"), torch.device("cpu"), torch.bfloat16, seed=4)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = bf16(ids).float()
+        shard_model(bf16, make_comm(tp))
+        swapped = use_gemv_linears(bf16, "out")
+        got = bf16(ids).float()
+    res["gemv-out"] = {
+        "swapped": swapped,
+        "hooked": sum(bool(m._forward_hooks) for m in bf16.modules() if isinstance(m, GemvLinear)),
+        "max_diff": (got - ref).abs().max().item(),
+        "ref_max": ref.abs().max().item(),
+    }
+
     # Sharded loading from a saved checkpoint: logits and bytes read.
     full = load_model(ckpt, device="cpu", dtype="float32")
     ref = _run(full.model)
@@ -210,6 +228,17 @@ def test_tp2_logits_equal_tp1(tp_results: list[dict[str, Any]], variant: str) ->
         assert r["q_heads"] == cfg.num_heads // WORLD
         expected_kv = cfg.num_kv_heads // WORLD if cfg.num_kv_heads % WORLD == 0 else 1
         assert r["kv_heads"] == expected_kv
+
+
+def test_tp2_dense_gemv_out_keeps_the_all_reduce(tp_results: list[dict[str, Any]]) -> None:
+    """--dense-gemv out after sharding: each rank's o_proj and down_proj row shards take the
+    one-row module and keep their all-reduce hook, so bf16 prefill logits stay those of the
+    unsplit model (a lost all-reduce would leave each rank half of every sum)."""
+    layers = preset_config("tiny").num_layers
+    for rank, res in enumerate(tp_results):
+        r = res["gemv-out"]
+        assert r["swapped"] == r["hooked"] == 2 * layers, (rank, r)
+        assert r["max_diff"] <= 3e-2 * r["ref_max"], (rank, r)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-g32", "int4-g32", "int8-fused", "int4-g32-fused"])

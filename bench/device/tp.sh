@@ -55,9 +55,12 @@ if [ "${TP_PLAN:-graph}" = regional ]; then
     # TP_MODELS: the TP=2 models (default 7B, 13B, 70B); TP=1 runs the ones that fit one GPU
     M2=${TP_MODELS:-"preset:llama-2-7b preset:llama-2-13b preset:llama-2-70b"}
     M1=$(for m in $M2; do [ "$m" != preset:llama-2-70b ] && echo --model $m; done)
-    [ -n "$M1" ] && step tp1_regional 60 decode --tp 1 $M1 --mode regional $P
+    # TP_DENSE_GEMV=none|out|all: which bf16 linears take llmopt's one-row kernel at both sizes
+    # (unset: tpbench's auto, o_proj and down_proj at TP=1 on Hopper and none at TP=2)
+    DG=${TP_DENSE_GEMV:+--dense-gemv $TP_DENSE_GEMV}
+    [ -n "$M1" ] && step tp1_regional 60 decode --tp 1 $M1 --mode regional $P $DG
     step tp2_regional 90 decode --tp 2 $(for m in $M2; do echo --model $m; done) --mode regional \
-        --allreduce ${TP_ALLREDUCE:-nccl --allreduce symm-one-shot} $P
+        --allreduce ${TP_ALLREDUCE:-nccl --allreduce symm-one-shot} $P $DG
     echo "=== summary"
     $B summary "$OUT"/*.json | tee "$OUT/summary.txt"
     [ -d "$OUT/profile" ] && (cd "$OUT" && tar cf profile.tar profile && rm -rf profile)

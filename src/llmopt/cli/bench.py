@@ -49,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from llmopt.parallel import maybe_launch
 
     tp_n = getattr(args, "tp", 1)
-    if tp_n > 1 and args.dense_gemv not in (None, "none"):
-        raise UserError("--dense-gemv cannot be combined with --tp (it swaps the split linears)")
     rc = maybe_launch(args)
     if rc is not None:  # this process started the --tp ranks; they have finished
         return rc

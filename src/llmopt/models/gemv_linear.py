@@ -60,32 +60,27 @@ OUT_PROJECTIONS = ("o_proj", "down_proj")
 
 
 def use_gemv_linears(model: nn.Module, which: str = "all") -> int:
-    """Swap in place plain ``nn.Linear`` modules whose weight is bf16 or fp16: every one (the
-    head included) with ``which="all"``, with ``"out"`` only those named in ``OUT_PROJECTIONS``.
-    Parameters are shared, not copied (a tied head stays tied). Returns how many were swapped."""
+    """Turn in place plain ``nn.Linear`` modules whose weight is bf16 or fp16 into ``GemvLinear``:
+    every one (the head included) with ``which="all"``, with ``"out"`` only those named in
+    ``OUT_PROJECTIONS``. Each module keeps its identity and state (only its class changes, and
+    ``GemvLinear`` adds no state): parameters, tied weights, hooks (a tensor-parallel row
+    shard's all-reduce, ``parallel.sharding``) and feature counts stay. Returns how many."""
     if which not in SWAPS:
         raise ValueError(f"which must be one of {SWAPS}, not {which!r}")
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if (type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float16)
-                    and (which == "all" or name in OUT_PROJECTIONS)):
-                swaps.append((parent, name, child))
-    for parent, name, child in swaps:
-        new = GemvLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                         device="meta")
-        new.weight = child.weight
-        if child.bias is not None:
-            new.bias = child.bias
-        setattr(parent, name, new)
+    swaps = {id(child): child for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float16)
+             and (which == "all" or name in OUT_PROJECTIONS)}
+    for child in swaps.values():
+        child.__class__ = GemvLinear
     return len(swaps)
 
 
 def gemv_by_default(model: nn.Module, device: torch.device) -> str:
     """What an unset ``--dense-gemv`` means for a compiled model: ``"out"`` on one GPU of compute
     capability 9.0 or later (where it was measured: see the module's docstring) when each layer's
-    o_proj is still a plain bf16 or fp16 ``nn.Linear``, else ``"none"`` (CPU, quantised or
-    sharded models, older GPUs)."""
+    o_proj is still a plain bf16 or fp16 ``nn.Linear``, else ``"none"``: CPU, quantised models,
+    older GPUs, and tensor-parallel ranks (not measured there; an explicit ``"out"`` works, the
+    row shards keeping their all-reduce)."""
     from llmopt.engine.compile import _sharded
 
     layers = getattr(getattr(model, "model", None), "layers", None)

@@ -201,9 +201,11 @@ def _decode_compiled(
     runs: int,
     compile_mode: str = "auto",
     profile_dir: Path | None = None,
-) -> tuple[list[float], float]:
-    """The project's compiled decode (``Generator(compile=True)``); (tok/s per run, compile s).
-    ``profile_dir``: one more run under torch.profiler, its top-kernels table written there."""
+    dense_gemv: str | None = None,
+) -> tuple[list[float], float, str]:
+    """The project's compiled decode (``Generator(compile=True)``); (tok/s per run, compile s,
+    which linears took the one-row kernel). ``profile_dir``: one more run under torch.profiler,
+    its top-kernels table written there. ``dense_gemv``: ``Generator``'s (None: its default)."""
     import inspect
 
     from llmopt.engine.generate import Generator
@@ -211,7 +213,8 @@ def _decode_compiled(
 
     if "compile" not in inspect.signature(Generator.__init__).parameters:
         raise RuntimeError("this checkout's Generator has no compile option")
-    gen = Generator(model, None, dev, compile=True, compile_mode=compile_mode, max_seq_len=cache_len)
+    gen = Generator(model, None, dev, compile=True, compile_mode=compile_mode, max_seq_len=cache_len,
+                    dense_gemv=dense_gemv)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ids = [prompt[0].tolist()]
     _barrier(tp)
@@ -230,7 +233,7 @@ def _decode_compiled(
 
         _barrier(tp)
         profile_run(lambda: gen.generate(ids, params), profile_dir, dev, trace=False)
-    return speeds, compile_s
+    return speeds, compile_s, gen.dense_gemv
 
 
 def _profile_dir(
@@ -311,14 +314,15 @@ def bench_decode(
                     if mode in ("compile", "regional"):
                         from llmopt.engine.compile import inductor_settings
 
-                        r["inductor_settings"] = inductor_settings(model)
                         torch._dynamo.reset()
-                        speeds, compile_s = _decode_compiled(
+                        speeds, compile_s, r["dense_gemv"] = _decode_compiled(
                             model, prompt, args.new_tokens, cache_len, dev, tp, args.runs,
                             "regional" if mode == "regional" else "auto",
                             _profile_dir(args.profile, spec, mode, ar, tp),
+                            None if args.dense_gemv == "auto" else args.dense_gemv,
                         )
                         r["compile_s"] = round(compile_s, 1)
+                        r["inductor_settings"] = inductor_settings(model)  # after the swap
                     else:
                         speeds = _decode_step_graph(
                             model,
@@ -368,6 +372,8 @@ def _row(r: dict[str, Any]) -> str:
             f"graph {g} us  correct {r.get('correct')}/{r.get('graph_correct', '-')}"
         )
     roof = f"{r['pct_roofline']:5.1f}% of {r['roofline_tok_s']:.0f}" if "pct_roofline" in r else ""
+    if r.get("dense_gemv", "none") != "none":
+        roof += f"  (one-row kernel: {r['dense_gemv']})"
     return (
         f"{r['model']:<22} tp={r['tp']} {r['mode']:<8} {r['allreduce']:<14} "
         f"{r['tok_s']:8.1f} tok/s  {roof}"
@@ -436,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="auto")
     d.add_argument("--attention", default="auto",
                    help="auto (triton on GPU, sdpa on CPU; earlier runs, before this option, used sdpa)")
+    d.add_argument("--dense-gemv", default="auto", choices=("auto", "none", "out", "all"),
+                   help="compiled modes: which bf16 linears take llmopt's one-row kernel (as "
+                        "llmopt bench; auto: o_proj and down_proj on one Hopper GPU, none under TP)")
     d.add_argument("--profile", default=None, metavar="DIR",
                    help="compiled modes: profile one more run per rank, top-kernels tables in DIR")
     for q in (a, d):
