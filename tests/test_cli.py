@@ -187,18 +187,20 @@ def test_bench_table_says_which_kernels_are_pdl_launches() -> None:
     assert "PDL" not in format_table(result({}))
 
 
-def test_bad_dense_one_row_choice_is_one_line() -> None:
-    """LLMOPT_DENSE_ONE_ROW (the kernel --dense-gemv's modules give a single row) is checked
-    when the swap is imported: a bad value is one line and exit 2."""
+@pytest.mark.parametrize("name", ["LLMOPT_DENSE_ONE_ROW", "LLMOPT_DENSE_GEMV"])
+def test_bad_dense_gemv_setting_is_one_line(name: str) -> None:
+    """LLMOPT_DENSE_ONE_ROW (the kernel --dense-gemv's modules give a single row) and
+    LLMOPT_DENSE_GEMV (what a generator swaps when not told) are checked when the swap is
+    imported: a bad value is one line and exit 2."""
     import os
 
     proc = subprocess.run([sys.executable, "-m", "llmopt.cli.main", "bench", "--model", "preset:tiny",
-                           "--dense-gemv", "--new-tokens", "2"],
+                           "--new-tokens", "2"],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LLMOPT_DENSE_ONE_ROW": "bogus"})
+                          env={**os.environ, name: "bogus"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "LLMOPT_DENSE_ONE_ROW" in lines[0] and "bogus" in lines[0]
+    assert name in lines[0] and "bogus" in lines[0]
 
 
 def test_bench_dense_gemv_out_records_what_it_swapped(tmp_path: Path, capsys) -> None:

@@ -131,6 +131,11 @@ def test_generator_swaps_what_it_is_asked_and_pdl_follows(monkeypatch) -> None:
     assert Generator(bf16(), None, cpu, dense_gemv="none").dense_gemv_modules == 0
     with pytest.raises(UserError, match="dense_gemv"):
         Generator(bf16(), None, cpu, dense_gemv="qkv")
+    import llmopt.models.gemv_linear as gl
+
+    monkeypatch.setattr(gl, "DENSE_GEMV", "out")  # LLMOPT_DENSE_GEMV=out: what an unset choice takes
+    assert Generator(bf16(), None, cpu).dense_gemv_modules == 2 * len(m.model.layers)
+    assert Generator(bf16(), None, cpu, dense_gemv="none").dense_gemv_modules == 0  # the argument wins
 
 
 def test_swap_keeps_the_module_and_its_hooks() -> None:

@@ -242,7 +242,7 @@ def format_table(r: BenchResult) -> str:
         ("device / dtype", f"{r.device} / {r.dtype}"),
         ("attention / compile", f"{r.attention} / {r.compile_mode if r.compile else 'eager'}"),
         ("quantisation", (r.quant or "none") + (", q/k/v and gate/up fused" if r.fuse_projections else "")),
-        *([("one-row kernel", f"{r.dense_gemv_modules} linears ({'o_proj, down_proj' if r.dense_gemv == 'out' else 'all'})")]
+        *([("one-row kernel", f"{r.dense_gemv_modules} linears ({ {'out': 'o_proj, down_proj', 'all': 'all'}.get(r.dense_gemv, 'swapped before') })")]
           if r.dense_gemv_modules else []),
         *([("PDL launches", ", ".join(f"{who}'s kernels {'on' if on else 'off'}" for who, on in r.extra["pdl"].items()))]
           if "pdl" in r.extra else []),

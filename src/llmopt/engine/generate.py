@@ -62,12 +62,16 @@ class Generator:
         self._prefill_fn = model
         self.compile_mode: str | None = None
         self.fused_projections = False  # q/k/v and gate/up joined (compiled models only)
-        # Which plain linears take llmopt's one-row kernel. None: o_proj and down_proj in a model
-        # compiled on one Hopper GPU, where that measured faster in bf16 (gemv_by_default), else
-        # none. Swapped before fusing, which then joins the swapped modules as it does plain ones.
+        # Which plain linears take llmopt's one-row kernel. None: LLMOPT_DENSE_GEMV, whose "auto"
+        # (default) is o_proj and down_proj in a model compiled on one Hopper GPU, where that
+        # measured faster in bf16 (gemv_by_default), else none. Swapped before fusing, which
+        # then joins the swapped modules as it does plain ones.
+        from llmopt.models import gemv_linear as gl
         from llmopt.models.gemv_linear import CHOICES, GemvLinear, gemv_by_default, use_gemv_linears
 
-        if dense_gemv is None:
+        if dense_gemv is None and gl.DENSE_GEMV != "auto":
+            dense_gemv = gl.DENSE_GEMV
+        elif dense_gemv is None:
             dense_gemv = gemv_by_default(model, device) if compile else "none"
         if dense_gemv not in CHOICES:
             raise UserError(f"dense_gemv must be one of {', '.join(CHOICES)}, not {dense_gemv!r}")

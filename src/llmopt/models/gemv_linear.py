@@ -19,6 +19,10 @@ On Llama-3-8B's shape it did not gain: 210.1 and 226.8 against 226.0 and 227.8 (
 So ``gemv_by_default`` makes it what a compiled bf16 model on one Hopper GPU gets, as
 ``engine.generate.Generator`` applies it (``--dense-gemv none`` turns it off).
 
+LLMOPT_DENSE_GEMV, read and checked at import: what a ``Generator`` not told otherwise swaps
+(``llmopt generate``, the ``LLM`` API, ``bench`` without ``--dense-gemv``): "auto" (default)
+``gemv_by_default``, or "none", "out", "all" for every model, compiled or not.
+
 LLMOPT_DENSE_ONE_ROW, read and checked at import: which one-row kernel a swapped module's row
 takes. "deferred" (default; the measurement above) the deferred-sum kernel the quantised formats
 use at batch 1 (``triton_wo._rowmajor_gemv1``, which loads each next tile before it sums the last
@@ -52,7 +56,8 @@ class GemvLinear(nn.Linear):
 
 # ``use_gemv_linears``' choices: every plain linear, or only each layer's output projections
 SWAPS = ("all", "out")
-CHOICES = (*SWAPS, "none")  # --dense-gemv; unset: gemv_by_default
+CHOICES = (*SWAPS, "none")  # --dense-gemv; unset: LLMOPT_DENSE_GEMV, whose "auto" is gemv_by_default
+DENSE_GEMV = env_choice("LLMOPT_DENSE_GEMV", "auto", ("auto", *CHOICES))
 # The output projections: their inputs are the attention's output and silu(gate) * up, never a
 # normalised hidden state, so the compiler fuses no norm into them (it does into q/k/v and
 # gate/up), and they are the matmuls it ran furthest from the copy bandwidth.
