@@ -92,6 +92,9 @@ def test_default_swap_follows_the_device_and_the_model(monkeypatch) -> None:
     for cap, want in (((8, 0), "none"), ((10, 0), "out"), ((9, 0), "out")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
         assert gemv_by_default(bf16, cuda) == want, cap
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build: its "9.x" is not Hopper
+    assert gemv_by_default(bf16, cuda) == "none"
+    monkeypatch.setattr(torch.version, "hip", None)
     assert gemv_by_default(f32, cuda) == "none"
     assert gemv_by_default(int8, cuda) == "none"
     use_gemv_linears(bf16, "out")

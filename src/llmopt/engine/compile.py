@@ -135,8 +135,8 @@ def kernel_pdl(model: Any) -> bool:
     param = next(model.parameters(), None) if model is not None else None
     if param is None or param.device.type != "cuda" or _sharded():
         return False
-    if torch.cuda.get_device_capability(param.device) < (9, 0):
-        return False
+    if torch.version.hip or torch.cuda.get_device_capability(param.device) < (9, 0):
+        return False  # PDL launches are NVIDIA Hopper-and-later PTX
     return _row_major_one_row_formats(model)
 
 

@@ -84,14 +84,14 @@ def gemv_by_default(model: nn.Module, device: torch.device) -> str:
     """What an unset ``--dense-gemv`` means for a compiled model: ``"out"`` on one GPU of compute
     capability 9.0 or later (where it was measured: see the module's docstring) when each layer's
     o_proj is still a plain bf16 or fp16 ``nn.Linear``, else ``"none"``: CPU, quantised models,
-    older GPUs, and tensor-parallel ranks (not measured there; an explicit ``"out"`` works, the
+    older or non-NVIDIA GPUs, and tensor-parallel ranks (not measured there; an explicit ``"out"`` works, the
     row shards keeping their all-reduce)."""
     from llmopt.engine.compile import _sharded
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if device.type != "cuda" or not layers or _sharded():
         return "none"
-    if torch.cuda.get_device_capability(device) < (9, 0):
+    if torch.version.hip or torch.cuda.get_device_capability(device) < (9, 0):  # NVIDIA Hopper on
         return "none"
     o = getattr(layers[0].self_attn, "o_proj", None)
     plain = type(o) in (nn.Linear, GemvLinear) and o.weight.dtype in (torch.bfloat16, torch.float16)
