@@ -124,8 +124,6 @@ def kernel_pdl(model: Any) -> bool:
     Unquantised models whose o_proj and down_proj take llmopt's one-row kernel (``--dense-gemv``,
     by default on one Hopper GPU) turn it on too: measured only that way (fourteenth session,
     h200_s14*), and with those kernels not PDL launches inductor's would be off (``use_pdl``)."""
-    import torch
-
     from llmopt.errors import env_choice
     from llmopt.kernels import KERNEL_PDL_CHOICES
 
@@ -133,11 +131,19 @@ def kernel_pdl(model: Any) -> bool:
     if choice != "auto":
         return choice == "1"
     param = next(model.parameters(), None) if model is not None else None
-    if param is None or param.device.type != "cuda" or _sharded():
+    return param is not None and one_hopper_gpu(param.device) and _row_major_one_row_formats(model)
+
+
+def one_hopper_gpu(device: Any) -> bool:
+    """Whether ``device`` is an NVIDIA GPU of compute capability 9.0 or later and this process
+    is not one rank of a tensor-parallel group: where the auto rules that turn on llmopt's PDL
+    launches (NVIDIA PTX) and its one-row kernel for unquantised layers were measured. A ROCm
+    build's "9.x" is not Hopper."""
+    import torch
+
+    if device.type != "cuda" or _sharded() or torch.version.hip:
         return False
-    if torch.version.hip or torch.cuda.get_device_capability(param.device) < (9, 0):
-        return False  # PDL launches are NVIDIA Hopper-and-later PTX
-    return _row_major_one_row_formats(model)
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _row_major_one_row_formats(model: Any) -> bool:

@@ -66,18 +66,11 @@ class Generator:
         # (default) is o_proj and down_proj in a model compiled on one Hopper GPU, where that
         # measured faster in bf16 (gemv_by_default), else none. Swapped before fusing, which
         # then joins the swapped modules as it does plain ones.
-        from llmopt.models import gemv_linear as gl
-        from llmopt.models.gemv_linear import CHOICES, GemvLinear, gemv_by_default, use_gemv_linears
+        from llmopt.models.gemv_linear import GemvLinear, dense_gemv_choice, use_gemv_linears
 
-        if dense_gemv is None and gl.DENSE_GEMV != "auto":
-            dense_gemv = gl.DENSE_GEMV
-        elif dense_gemv is None:
-            dense_gemv = gemv_by_default(model, device) if compile else "none"
-        if dense_gemv not in CHOICES:
-            raise UserError(f"dense_gemv must be one of {', '.join(CHOICES)}, not {dense_gemv!r}")
-        self.dense_gemv = dense_gemv
-        if dense_gemv != "none":
-            use_gemv_linears(model, dense_gemv)  # a second generator of the model finds them swapped
+        self.dense_gemv = dense_gemv_choice(dense_gemv, model, device, compile)
+        if self.dense_gemv != "none":
+            use_gemv_linears(model, self.dense_gemv)  # a second generator of the model finds them swapped
         self.dense_gemv_modules = sum(type(m) is GemvLinear for m in model.modules())
         if compile:
             from llmopt.engine.compile import (

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmopt.errors import env_choice
+from llmopt.errors import UserError, env_choice
 
 DENSE_ONE_ROW = env_choice("LLMOPT_DENSE_ONE_ROW", "deferred", ("deferred", "reduce"))
 
@@ -81,18 +81,28 @@ def use_gemv_linears(model: nn.Module, which: str = "all") -> int:
 
 
 def gemv_by_default(model: nn.Module, device: torch.device) -> str:
-    """What an unset ``--dense-gemv`` means for a compiled model: ``"out"`` on one GPU of compute
-    capability 9.0 or later (where it was measured: see the module's docstring) when each layer's
-    o_proj is still a plain bf16 or fp16 ``nn.Linear``, else ``"none"``: CPU, quantised models,
-    older or non-NVIDIA GPUs, and tensor-parallel ranks (not measured there; an explicit ``"out"`` works, the
-    row shards keeping their all-reduce)."""
-    from llmopt.engine.compile import _sharded
+    """What an unset ``--dense-gemv`` means for a compiled model: ``"out"`` on one NVIDIA GPU of
+    compute capability 9.0 or later (``engine.compile.one_hopper_gpu``, where it was measured:
+    see the module's docstring) when each layer's o_proj is still a plain bf16 or fp16
+    ``nn.Linear``, else ``"none"``: CPU, quantised models, older or non-NVIDIA GPUs, and
+    tensor-parallel ranks (not measured there; an explicit ``"out"`` works, the row shards
+    keeping their all-reduce)."""
+    from llmopt.engine.compile import one_hopper_gpu
 
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if device.type != "cuda" or not layers or _sharded():
-        return "none"
-    if torch.version.hip or torch.cuda.get_device_capability(device) < (9, 0):  # NVIDIA Hopper on
+    if not layers or not one_hopper_gpu(device):
         return "none"
     o = getattr(layers[0].self_attn, "o_proj", None)
     plain = type(o) in (nn.Linear, GemvLinear) and o.weight.dtype in (torch.bfloat16, torch.float16)
     return "out" if plain else "none"
+
+
+def dense_gemv_choice(dense_gemv: str | None, model: nn.Module, device: torch.device, compiled: bool) -> str:
+    """The swap a ``Generator`` makes: ``dense_gemv`` when given (one of ``CHOICES``), else
+    LLMOPT_DENSE_GEMV, whose "auto" is ``gemv_by_default`` for a compiled model and "none" for
+    an eager one. Anything else is a ``UserError``."""
+    if dense_gemv is None:
+        dense_gemv = DENSE_GEMV if DENSE_GEMV != "auto" else gemv_by_default(model, device) if compiled else "none"
+    if dense_gemv not in CHOICES:
+        raise UserError(f"dense_gemv must be one of {', '.join(CHOICES)}, not {dense_gemv!r}")
+    return dense_gemv
