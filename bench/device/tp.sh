@@ -64,6 +64,11 @@ if [ "${TP_PLAN:-graph}" = regional ]; then
     echo "=== summary"
     $B summary "$OUT"/*.json | tee "$OUT/summary.txt"
     [ -d "$OUT/profile" ] && (cd "$OUT" && tar cf profile.tar profile && rm -rf profile)
+    # The device tool returns at most 8 files per call: TAR=1 packs the JSON files and the
+    # profiles into one archive (two tp.sh runs in one call, each with its own OUT, then fit)
+    if [ "${TAR:-0}" = 1 ]; then
+        (cd "$OUT" && f=$(ls *.json profile.tar 2>/dev/null); [ -n "$f" ] && tar cf runs.tar $f && rm -f $f)
+    fi
     exit 0
 fi
 step allreduce 30 allreduce --tp 2 --numel 4096 --numel 65536
