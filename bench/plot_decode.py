@@ -45,8 +45,7 @@ def _label(r: dict) -> str:
     mode = {"regional": "regional", "reduce-overhead": "whole"}.get(r.get("compile_mode"), r.get("compile_mode"))
     extra = f", ctx {cfg['prompt_len']}" if cfg.get("prompt_len", 5) > 5 else ""
     extra += ", fused" if r.get("fuse_projections") else ""
-    gemv = r.get("dense_gemv")
-    extra += {"out": ", o/down one-row", "all": ", all one-row"}.get(gemv, "") if gemv else ""
+    extra += {"out": ", o/down one-row", "all": ", all one-row"}.get(r.get("dense_gemv"), "")
     st = r.get("inductor_settings")  # recorded since the ninth session: PDL, wider autotuning
     if st:
         extra += ", " + ("+".join(k for k, key in (("PDL", "pdl"), ("apw", "autotune_pointwise")) if st[key]) or "no PDL/apw")

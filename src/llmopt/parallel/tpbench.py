@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="auto")
     d.add_argument("--attention", default="auto",
                    help="auto (triton on GPU, sdpa on CPU; earlier runs, before this option, used sdpa)")
-    d.add_argument("--dense-gemv", default="auto", choices=("auto", "none", "out", "all"),
+    from llmopt.models.gemv_linear import CHOICES as DENSE_GEMV_CHOICES
+
+    d.add_argument("--dense-gemv", default="auto", choices=("auto", *DENSE_GEMV_CHOICES),
                    help="compiled modes: which bf16 linears take llmopt's one-row kernel (as "
                         "llmopt bench; auto: o_proj and down_proj on one Hopper GPU, none under TP)")
     d.add_argument("--profile", default=None, metavar="DIR",
