@@ -626,3 +626,124 @@ def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
                               (T.FMT_INT8, rowmajor, torch.bfloat16), (T.FMT_FP8, rowmajor, torch.bfloat16)):
             out = T.gemv1_pdl_op(x2, w, s, s, s, fmt, 64, 2, 0, False)
             assert out.shape == (n,) and out.dtype == dtype, fmt
+
+
+_MMA_SCRIPT = r'''
+import torch
+from llmopt.quant import primitives as P
+from llmopt.quant.kernels import reference as ref
+from llmopt.quant.kernels import triton_int4_mma as T
+
+torch.manual_seed(0)
+worst = {}
+# a ragged N and a K of odd chunk counts (K = 640 is 5 chunks: tiles of 2 and 4 chunks run past it)
+for n, k, group in [(96, 256, 128), (64, 384, 32), (128, 512, 64), (40, 640, 128), (64, 256, 256)]:
+    w = torch.randn(n, k) * 0.02
+    w[:, :16] += 0.5  # a large offset in one group: the codes' 1024 offset must come out exactly
+    prm = P.group_minmax_params(w, 4, group)
+    codes = P.quantize_groupwise(w, prm, 4, group)
+    sc, zs = prm.scales.t().contiguous().half(), prm.zeros.t().contiguous().half()
+    deq = ref.dequant_int4(P.pack_bits(codes.t().contiguous(), 4), sc, zs, group, k, torch.float64)
+    packed, st, zt = T.pack(codes, sc, zs)
+    for m in (1, 8) if group != 256 else (16,):
+        planned = T.plan(m, group)
+        if planned is None:
+            continue
+        cap, cols = planned
+        x = torch.randn(m, k, dtype=torch.float16)  # the interpreter's dot takes float16, not bfloat16
+        expect = x.double() @ deq.t()
+        for bn, ch, sn, warps, stages in T.TILES:
+            if ch > cap:
+                continue
+            out = torch.zeros(m, n)
+            T._int4_mma[(-(-k // (T.CHUNK * ch)), sn)](x, packed, st, zt, out, m, n, k, st.shape[1], k,
+                                                         GROUP=group, BLOCK_N=bn, CHUNKS=ch, SPLIT_N=sn, COLS=cols)
+            err = ((out.double() - expect).norm() / expect.norm()).item()
+            worst[n, k, group, m] = max(err, worst.get((n, k, group, m), 0.0))
+print(worst)
+assert len(worst) == 9 and all(e < 1e-3 for e in worst.values()), worst
+'''
+
+
+def test_int4_mma_kernel_every_tile_under_the_interpreter(tmp_path) -> None:
+    """The tensor-core int4 kernel (``triton_int4_mma``) against float64 dequantise-matmul: every
+    tile, 1, 8 and 16 rows, groups of 32 to 256, a ragged N and K; skipped without triton."""
+    run_triton_script(_MMA_SCRIPT, tmp_path, interpret=True)
+
+
+def test_int4_mma_layout_holds_each_code_once() -> None:
+    """``pack`` puts code k of chunk j (128 inputs) in byte 64 j + k % 64, low nibble for the
+    first half of the chunk and high for the second; plans stay within the columns."""
+    pytest.importorskip("triton")
+    from llmopt.quant.kernels import triton_int4_mma as T
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (5, 384), generator=g)
+    packed, st, zt = T.pack(codes, torch.rand(3, 5), torch.rand(3, 5))
+    assert packed.shape == (5, 192) and packed.dtype == torch.uint8 and st.shape == (5, 3)
+    b = packed.reshape(5, 3, 64).long()
+    back = torch.cat([b & 0xF, b >> 4], dim=-1).reshape(5, 384)
+    assert torch.equal(back, codes)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        T.pack(codes[:, :200], torch.rand(2, 5), torch.rand(2, 5))
+    for m in (1, 2, 8, 16):
+        for group in (32, 64, 128):
+            planned = T.plan(m, group)
+            if planned is not None:
+                cap, cols = planned
+                assert m * max(1, cap * T.CHUNK // group) <= cols <= T.MAX_COLS
+    assert T.plan(16, 32) is None and not T.fits(16, 4096, 32) and T.fits(8, 4096, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (11008, 4096, 32), (4096, 11008, 64)])
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_int4_mma_kernel_matches_float64_dequant(n: int, k: int, group: int, m: int) -> None:
+    from llmopt.quant.kernels import triton_int4_mma as T
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(n, k, generator=g) * 0.02
+    prm = P.group_minmax_params(w, 4, group)
+    codes = P.quantize_groupwise(w, prm, 4, group)
+    sc = prm.scales.t().contiguous().to(torch.bfloat16)
+    zs = prm.zeros.t().contiguous().to(torch.bfloat16)
+    deq = ref.dequant_int4(P.pack_bits(codes.t().contiguous(), 4), sc, zs, group, k, torch.float64)
+    packed, st, zt = (t.cuda() for t in T.pack(codes, sc, zs))
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+    y = T.int4_mma(x, packed, st, zt, group)
+    expect = x.double() @ deq.cuda().t()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.double() - expect).norm() / expect.norm()).item() < 5e-3
+
+
+@pytest.mark.gpu
+def test_int4_module_takes_the_mma_kernel_for_batched_decode() -> None:
+    """Int4Linear (groups of 128) on CUDA holds the tensor-core layout and sends 4 to 16 rows
+    through it (fewer stay on tinygemm): eager and compiled both match float64
+    dequantise-matmul. Groups of 32 hold no such copy."""
+    from llmopt.quant import kernels
+    from llmopt.quant.linear import Int4Linear
+
+    if kernels.mma_min_rows(128) != 4:
+        pytest.skip("LLMOPT_WO_KERNEL is not auto")
+    g = torch.Generator().manual_seed(3)
+    n, k, group = 1024, 2048, 128
+    w = torch.randn(n, k, generator=g) * 0.02
+    prm = P.group_minmax_params(w, 4, group)
+    codes = P.quantize_groupwise(w, prm, 4, group)
+    lin = Int4Linear.from_codes(codes, prm.scales, prm.zeros, group, None, torch.bfloat16).cuda()
+    lin.prepare_for_device()
+    assert lin.mma_weight is not None and lin.tg_weight is not None
+    deq = lin.dequantize().double()
+    compiled = torch.compile(lin)
+    for m in (1, 2, 8, 16):
+        x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+        assert kernels.use_mma_for(x, group) == (m >= 4)
+        expect = x.double() @ deq.t()
+        for y in (lin(x), compiled(x)):
+            assert ((y.double() - expect).norm() / expect.norm()).item() < 5e-3
+    p32 = P.group_minmax_params(w, 4, 32)
+    lin32 = Int4Linear.from_codes(P.quantize_groupwise(w, p32, 4, 32), p32.scales, p32.zeros, 32, None,
+                                  torch.bfloat16).cuda()
+    lin32.prepare_for_device()
+    assert lin32.mma_weight is None and lin32.tg_weight is not None

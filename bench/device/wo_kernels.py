@@ -70,6 +70,15 @@ def _tinygemm(x: torch.Tensor, fargs: tuple, n: int, k: int):
     return partial(int4_linear_tinygemm, x, lin.tg_weight, lin.tg_scales_zeros, fargs[3])
 
 
+def save(out: str, cases: list[dict], copy: float, **extra: object) -> None:
+    """The cases as JSON at ``out``, with the command, device and copy bandwidth."""
+    result = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "copy_gb_per_s": copy, **extra, "cases": cases}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(f"copy {copy:.0f} GB/s")
+
+
 def main() -> int:
     from llmopt.quant.kernels import triton_wo as T
     from test_quant_kernels import _dequant, _formats, _gemv_args
@@ -149,11 +158,7 @@ def main() -> int:
                     rows_out.append({"shape": [n, k], "rows": m, "format": fmt, "kernel": name, "us": us,
                                      "bytes": nbytes, "gb_per_s": nbytes / us / 1e3, "vs_bf16": base_us / us})
                 print(f"{n}x{k} rows={m} {fmt} done", file=sys.stderr, flush=True)
-    result = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "copy_gb_per_s": copy, "group": args.group, "cases": rows_out}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"copy {copy:.0f} GB/s")
+    save(args.out, rows_out, copy, group=args.group)
     print(f"{'shape':>12} {'rows':>4} {'format':>6} {'kernel':>12} {'us':>8} {'GB/s':>7} {'% copy':>6} {'vs bf16':>7}")
     for r in rows_out:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"

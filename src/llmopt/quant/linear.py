@@ -170,6 +170,10 @@ class Int4Linear(QuantLinear):
         # derived from the buffers above, so kept out of the state dict
         self.register_buffer("tg_weight", None, persistent=False)
         self.register_buffer("tg_scales_zeros", None, persistent=False)
+        # the tensor-core kernel's layout (batched CUDA decode), also built by prepare_for_device
+        self.register_buffer("mma_weight", None, persistent=False)
+        self.register_buffer("mma_scales", None, persistent=False)
+        self.register_buffer("mma_zeros", None, persistent=False)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -196,6 +200,9 @@ class Int4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.mma_weight is not None and kernels.use_mma_for(x, self.group_size):
+            return kernels.int4_linear_mma(x, self.mma_weight, self.mma_scales, self.mma_zeros,
+                                           self.group_size, self.bias)
         if self.tg_weight is not None and kernels.use_tinygemm_for(x):
             return kernels.int4_linear_tinygemm(x, self.tg_weight, self.tg_scales_zeros, self.group_size, self.bias)
         if kernels._cpu_small(x):
@@ -212,8 +219,18 @@ class Int4Linear(QuantLinear):
         """On CUDA (unless ``LLMOPT_WO_KERNEL`` names another path), repack into torch's int4 layout: uint8
         [N, K/2] (even k in the high nibble) through ``torch._convert_weight_to_int4pack``, and
         scale/zero pairs [G, N, 2] in bf16 for its convention w = (q - 8) * scale + zero. The
-        packed copy is used for decode-sized inputs; prefill keeps the dequantise-and-cuBLAS path."""
+        packed copy is used for decode-sized inputs; prefill keeps the dequantise-and-cuBLAS path.
+        Where the tensor-core kernel is wanted (``kernels.mma_wanted``) and takes the shape, also
+        its layout (``triton_int4_mma.pack``): a second copy of the codes, K*N/2 bytes."""
         self.tg_weight = self.tg_scales_zeros = None
+        self.mma_weight = self.mma_scales = self.mma_zeros = None
+        if (kernels.mma_wanted(self.group_size) and self.qweight.is_cuda and self.perm is None
+                and self.in_features % 128 == 0 and self.group_size >= 16
+                and self.group_size & (self.group_size - 1) == 0):
+            from llmopt.quant.kernels.triton_int4_mma import pack
+
+            codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t()
+            self.mma_weight, self.mma_scales, self.mma_zeros = pack(codes, self.scales, self.zeros)
         if not (kernels._TINYGEMM and self.qweight.is_cuda and self.perm is None
                 and kernels.tinygemm_fits(self.in_features, self.out_features, self.group_size)):
             return
@@ -230,9 +247,11 @@ class Int4Linear(QuantLinear):
         return codes, torch.stack([s, (8 - self.zeros.float()) * s], dim=-1).contiguous()
 
     def weight_bytes(self) -> int:
-        """Bytes a decode step reads: the tinygemm copy when there is one, else the packed codes."""
+        """Bytes a one-row decode step reads: the tinygemm copy when there is one, else the packed
+        codes (the tensor-core copy, for more rows, is as large as the codes)."""
         if self.tg_weight is None:
-            return super().weight_bytes()
+            return sum(b.numel() * b.element_size() for b in (self.qweight, self.scales, self.zeros, self.perm)
+                       if b is not None)
         return sum(b.numel() * b.element_size() for b in (self.tg_weight, self.tg_scales_zeros))
 
     def _cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -32,7 +32,7 @@ from llmopt.quant.kernels import reference as ref
 SMALL_M = 16
 
 
-KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv")
+KERNEL_CHOICES = ("auto", "tinygemm", "triton", "torch", "triton-gemv", "mma")
 
 # What ``auto`` sends down the one-row Triton kernels (``triton_wo.gemv``) at batch 1, chosen by
 # measurement on an H200 (Llama-2-7B, whole model, compiled; bench/results/decode/h200_s6a_*,
@@ -95,7 +95,10 @@ def gpu_kernel_choice() -> str:
     ``triton-gemv`` every format at 1 to 8 rows to ``triton_wo.gemv`` (no padded tl.dot rows,
     large tiles along K, each weight tile decoded once for all rows; not measured above one row)
     and everything else to ``triton``; ``torch`` the plain-PyTorch path, which torch.compile
-    fuses (dequantise inside inductor's GEMV)."""
+    fuses (dequantise inside inductor's GEMV). ``auto`` sends int4 at 4 to 16 rows with groups of 128 or
+    more, and at 8 to 16 with groups of 64 (batched decode), to the tensor-core kernel
+    (``triton_int4_mma.py``; ``mma_min_rows``) where the shape fits it; ``mma`` sends it there
+    at 1 to 16 rows, every group size."""
     return env_choice("LLMOPT_WO_KERNEL", "auto", KERNEL_CHOICES)
 
 
@@ -111,7 +114,24 @@ def gemv_rows(choice: str, fmt: str) -> int:
 _CHOICE = gpu_kernel_choice()
 _TRITON_OK = importlib.util.find_spec("triton") is not None and _CHOICE != "torch"
 _GEMV_ROWS = {f: gemv_rows(_CHOICE, f) for f in ("int8", "int8g", "int4", "nf4", "fp8")}
-_TINYGEMM = _CHOICE in ("auto", "tinygemm") and hasattr(torch, "_weight_int4pack_mm")
+_TINYGEMM = _CHOICE in ("auto", "tinygemm", "mma") and hasattr(torch, "_weight_int4pack_mm")
+# Rows from which int4 goes to the tensor-core kernel (``triton_int4_mma``), by group size; 0:
+# never. Measured on an H200 (7B layer shapes, bench/results/decode/h200_s16*/int4_mma.json)
+# against tinygemm, per layer's four matmuls (q/k/v and gate/up fused): g128 lost at one and
+# two rows (0.9-1.4 TB/s against 1.2-1.8), won at four (82.8 us against 87.3), eight (1.1-1.4
+# TB/s against 0.67-0.80) and sixteen (0.81-0.96 against 0.40-0.51); g64 lost at four (97.0 us
+# against 88.6) and won at eight (121.1 against 141.1); at g32 eight rows' columns leave it
+# one-chunk tiles, with which it tied or lost (0.55-0.92 TB/s against 0.71-0.88).
+_MMA_MIN_ROWS_AUTO = {128: 4, 64: 8}
+
+
+def mma_min_rows(group_size: int) -> int:
+    """The fewest rows sent to the tensor-core kernel for this group size (0: none)."""
+    if _CHOICE == "mma":
+        return 1
+    if _CHOICE != "auto":
+        return 0
+    return _MMA_MIN_ROWS_AUTO[128] if group_size >= 128 else _MMA_MIN_ROWS_AUTO.get(group_size, 0)
 TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
 
 
@@ -124,6 +144,26 @@ def tinygemm_fits(in_features: int, out_features: int, group_size: int) -> bool:
 def use_tinygemm_for(x: torch.Tensor) -> bool:
     return (_TINYGEMM and x.device.type == "cuda" and x.dtype == torch.bfloat16
             and x.numel() // x.shape[-1] <= SMALL_M)
+
+
+def mma_wanted(group_size: int) -> bool:
+    """Whether an ``Int4Linear`` with these groups should hold the tensor-core kernel's layout
+    on CUDA."""
+    return _TRITON_OK and mma_min_rows(group_size) > 0
+
+
+def use_mma_for(x: torch.Tensor, group_size: int) -> bool:
+    """x goes to the tensor-core int4 kernel: CUDA, bfloat16 or float16, a row count from
+    ``mma_min_rows`` on that the kernel's columns hold (``triton_int4_mma.fits``)."""
+    least = mma_min_rows(group_size)
+    if not (least and x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    rows = x.numel() // x.shape[-1]
+    if not least <= rows <= SMALL_M:
+        return False
+    from llmopt.quant.kernels.triton_int4_mma import fits
+
+    return fits(rows, x.shape[-1], group_size)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -189,6 +229,18 @@ def int4_linear_tinygemm(
     ``scales_zeros`` [G, N, 2] from ``Int4Linear.prepare_for_device``)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch._weight_int4pack_mm(x2, packed, group_size, scales_zeros).reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def int4_linear_mma(
+    x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CUDA decode through the tensor-core kernel (``triton_int4_mma``; its layout built by
+    ``Int4Linear.prepare_for_device``)."""
+    from llmopt.quant.kernels.triton_int4_mma import int4_mma
+
+    y = int4_mma(x, packed, scales_t, zeros_t, group_size)
     return y if bias is None else y + bias
 
 
