@@ -747,3 +747,56 @@ def test_int4_module_takes_the_mma_kernel_for_batched_decode() -> None:
                                   torch.bfloat16).cuda()
     lin32.prepare_for_device()
     assert lin32.mma_weight is None and lin32.tg_weight is not None
+
+
+_MMA_COMPILE_SCRIPT = r'''
+import re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from llmopt.quant.kernels import triton_int4_mma as T
+
+ptxas = get_ptxas(90)
+ptxas = getattr(ptxas, "path", ptxas)
+C = "constexpr"
+sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32",
+       "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32", "GROUP": C, "BLOCK_N": C, "CHUNKS": C,
+       "SPLIT_N": C, "COLS": C}
+hinted = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm")
+attrs = {(T._int4_mma.arg_names.index(a),): [["tt.divisibility", 16]] for a in hinted}
+done, spilled, no_asm = set(), [], []
+for group in (32, 64, 128):
+    for m in (1, 4, 8, 16):
+        planned = T.plan(m, group)
+        if planned is None:
+            continue
+        cap, cols = planned
+        for bn, ch, sn, warps, stages in T.TILES:
+            key = (group, cols, bn, ch, warps, stages)
+            if ch > cap or key in done:
+                continue
+            done.add(key)
+            consts = {"GROUP": group, "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_N": sn, "COLS": cols}
+            k = triton.compile(ASTSource(fn=T._int4_mma, signature=sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+            ptx = k.asm["ptx"]
+            if "lop3.b32" not in ptx or "wgmma" not in ptx:  # the PTX decode and the tensor cores
+                no_asm.append(key)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ptx)
+            r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
+                               capture_output=True, text=True)
+            s = re.search(r"(\d+) bytes spill stores", r.stderr)
+            if r.returncode != 0 or (s and int(s.group(1)) > 0):
+                spilled.append((key, r.stderr[-300:]))
+print(len(done), "compiled;", spilled, no_asm)
+assert len(done) >= 20 and not spilled and not no_asm, (spilled, no_asm)
+'''
+
+
+def test_int4_mma_kernel_compiles_for_hopper_without_spills(tmp_path) -> None:
+    """Every tile the tensor-core int4 kernel can be given (``plan``: groups of 32 to 128, 1 to
+    16 rows) compiles for sm_90 with its PTX decode and wgmma and spills no registers; skipped
+    without triton."""
+    run_triton_script(_MMA_COMPILE_SCRIPT, tmp_path, interpret=False)
