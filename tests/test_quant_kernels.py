@@ -510,8 +510,9 @@ def test_gemv_kernels_compile_for_hopper_without_spills(tmp_path) -> None:
 
 
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
-    """A tiny interpreter for the integer PTX the NF4 byte-permute decode uses (and, or, shl,
-    shr.u32, prmt.b32 in its default mode), on 32-bit unsigned values."""
+    """A tiny interpreter for the integer PTX the NF4 byte-permute and the tensor-core int4
+    decodes use (and, or, shl, shr.u32, lop3.b32, prmt.b32 in its default mode), on 32-bit
+    unsigned values."""
     def val(tok: str) -> int:
         return int(tok, 0) & 0xFFFFFFFF if tok[0].isdigit() else regs[tok]
     for line in asm.splitlines():
@@ -529,6 +530,11 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
             r = (a[0] << a[1]) & 0xFFFFFFFF
         elif op == "shr.u32":
             r = a[0] >> a[1]
+        elif op == "lop3.b32":  # bit i of the result: bit (4a + 2b + c) of the table, a[3]
+            r = 0
+            for i in range(32):
+                idx = (((a[0] >> i) & 1) << 2) | (((a[1] >> i) & 1) << 1) | ((a[2] >> i) & 1)
+                r |= ((a[3] >> idx) & 1) << i
         elif op == "prmt.b32":
             pool = a[0] | (a[1] << 32)  # bytes 0-3 from a, 4-7 from b
             r = 0
@@ -575,20 +581,58 @@ def test_nf4_byte_permute_decode_gives_every_level() -> None:
         assert torch.equal(got, want[codes]), (hex(word), got, want[codes])
 
 
+def test_int4_mma_byte_decode_gives_both_codes_as_bfloat16() -> None:
+    """The tensor-core kernel's PTX (``_split_bf16``) as written, interpreted on CPU: for every
+    byte in both positions of a register, the low nibble comes out as the bfloat16 number 128 +
+    code in the first output pair and the high nibble in the second."""
+    pytest.importorskip("triton")
+    from llmopt.quant.kernels import triton_int4_mma as MMA
+
+    asm = _kernel_ptx(MMA._split_bf16)
+    for b0 in range(256):
+        b1 = (b0 * 37 + 11) % 256  # the other byte: every value, paired with another
+        regs = _run_ptx(asm, {"$2": b0 | (b1 << 8) | (0xABCD << 16)})  # bits 16-31: not the inputs'
+        for out, codes in (("$0", (b0 & 0xF, b1 & 0xF)), ("$1", (b0 >> 4, b1 >> 4))):
+            pair = torch.tensor([regs[out] & 0xFFFF, regs[out] >> 16], dtype=torch.int32).to(torch.int16)
+            got = pair.view(torch.bfloat16).float()
+            assert got.tolist() == [128.0 + c for c in codes], (b0, b1, out, got)
+
+
+def test_nf4_mma_byte_decode_gives_both_levels() -> None:
+    """The tensor-core kernel's NF4 PTX (``_split_nf4_bf16``) as written, interpreted on CPU: for
+    every byte in both positions, the NF4 levels (rounded to bfloat16) of its low nibble come
+    out in the first pair and of its high nibble in the second; and it is the PTX that the
+    codebook's byte tables generate (``nf4_split_asm``)."""
+    pytest.importorskip("triton")
+    from llmopt.quant.kernels import triton_int4_mma as MMA
+    from llmopt.quant.primitives import nf4_codebook
+
+    asm = _kernel_ptx(MMA._split_nf4_bf16)
+    assert asm.split() == MMA.nf4_split_asm().split()
+    want = nf4_codebook().to(torch.bfloat16).float()
+    for b0 in range(256):
+        b1 = (b0 * 37 + 11) % 256
+        regs = _run_ptx(asm, {"$2": b0 | (b1 << 8) | (0x5A5A << 16)})
+        for out, codes in (("$0", (b0 & 0xF, b1 & 0xF)), ("$1", (b0 >> 4, b1 >> 4))):
+            pair = torch.tensor([regs[out] & 0xFFFF, regs[out] >> 16], dtype=torch.int32).to(torch.int16)
+            assert torch.equal(pair.view(torch.bfloat16).float(), want[list(codes)]), (b0, b1, out)
+
+
 def test_one_row_kernels_name_no_module_constants() -> None:
     """torch.compile copies a user-defined Triton kernel and the helpers it calls into a module of
     its own; a module-level constant they read did not survive that under torch 2.11 (every nf4
-    compile failed to import). The one-row kernels and their helpers read only ``tl``, ``triton``
-    and other Triton functions."""
+    compile failed to import). The one-row kernels, the tensor-core int4 kernel and their helpers
+    read only ``tl``, ``triton`` and other Triton functions."""
     pytest.importorskip("triton")
     import builtins
     import dis
 
     import triton
 
+    from llmopt.quant.kernels import triton_int4_mma as MMA
     from llmopt.quant.kernels import triton_wo as T
 
-    seen, todo = set(), [T._packed_gemv1, T._rowmajor_gemv1]
+    seen, todo = set(), [T._packed_gemv1, T._rowmajor_gemv1, MMA._int4_mma]
     while todo:
         fn = todo.pop()
         if fn.fn.__name__ in seen:
@@ -603,7 +647,7 @@ def test_one_row_kernels_name_no_module_constants() -> None:
             called = fn.fn.__globals__[ins.argval]
             assert isinstance(called, triton.runtime.jit.JITFunction), (fn.fn.__name__, ins.argval)
             todo.append(called)
-    assert {"_nf4_prmt", "_nf4_select", "_nibble_float", "_split_range"} <= seen
+    assert {"_nf4_prmt", "_nf4_select", "_nibble_float", "_split_range", "_split_bf16", "_split_nf4_bf16"} <= seen
 
 
 def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
@@ -631,6 +675,7 @@ def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
 _MMA_SCRIPT = r'''
 import torch
 from llmopt.quant import primitives as P
+from llmopt.quant.primitives import nf4_codebook
 from llmopt.quant.kernels import reference as ref
 from llmopt.quant.kernels import triton_int4_mma as T
 
@@ -645,6 +690,11 @@ for n, k, group in [(96, 256, 128), (64, 384, 32), (128, 512, 64), (40, 640, 128
     sc, zs = prm.scales.t().contiguous().half(), prm.zeros.t().contiguous().half()
     deq = ref.dequant_int4(P.pack_bits(codes.t().contiguous(), 4), sc, zs, group, k, torch.float64)
     packed, st, zt = T.pack(codes, sc, zs)
+    # the same codes read as NF4, with the scales as absmax (levels rounded to float16, as the
+    # kernel's float16 path reads them)
+    lut = nf4_codebook()
+    ast_ = st.abs()
+    deq_nf4 = lut.half().double()[codes.long()] * ast_.double().repeat_interleave(group, dim=1)[:, :k]
     for m in (1, 8) if group != 256 else (16,):
         planned = T.plan(m, group)
         if planned is None:
@@ -652,22 +702,27 @@ for n, k, group in [(96, 256, 128), (64, 384, 32), (128, 512, 64), (40, 640, 128
         cap, cols = planned
         x = torch.randn(m, k, dtype=torch.float16)  # the interpreter's dot takes float16, not bfloat16
         expect = x.double() @ deq.t()
+        expect_nf4 = x.double() @ deq_nf4.t()
         for bn, ch, sn, warps, stages in T.TILES:
             if ch > cap:
                 continue
-            out = torch.zeros(m, n)
-            T._int4_mma[(-(-k // (T.CHUNK * ch)), sn)](x, packed, st, zt, out, m, n, k, st.shape[1], k,
-                                                         GROUP=group, BLOCK_N=bn, CHUNKS=ch, SPLIT_N=sn, COLS=cols)
-            err = ((out.double() - expect).norm() / expect.norm()).item()
-            worst[n, k, group, m] = max(err, worst.get((n, k, group, m), 0.0))
+            for nf4 in (False, True):
+                out = torch.zeros(m, n)
+                T._int4_mma[(-(-k // (T.CHUNK * ch)), sn)](
+                    x, packed, st if not nf4 else ast_, zt, lut, out, m, n, k, st.shape[1], k,
+                    GROUP=group, BLOCK_N=bn, CHUNKS=ch, SPLIT_N=sn, COLS=cols, NF4=nf4)
+                want = expect_nf4 if nf4 else expect
+                err = ((out.double() - want).norm() / want.norm()).item()
+                worst[n, k, group, m, nf4] = max(err, worst.get((n, k, group, m, nf4), 0.0))
 print(worst)
-assert len(worst) == 9 and all(e < 1e-3 for e in worst.values()), worst
+assert len(worst) == 18 and all(e < 1e-3 for e in worst.values()), worst
 '''
 
 
 def test_int4_mma_kernel_every_tile_under_the_interpreter(tmp_path) -> None:
-    """The tensor-core int4 kernel (``triton_int4_mma``) against float64 dequantise-matmul: every
-    tile, 1, 8 and 16 rows, groups of 32 to 256, a ragged N and K; skipped without triton."""
+    """The tensor-core kernel (``triton_int4_mma``) against float64 dequantise-matmul, as int4 and
+    as NF4: every tile, 1, 8 and 16 rows, groups of 32 to 256, a ragged N and K; skipped without
+    triton."""
     run_triton_script(_MMA_SCRIPT, tmp_path, interpret=True)
 
 
@@ -717,6 +772,26 @@ def test_int4_mma_kernel_matches_float64_dequant(n: int, k: int, group: int, m: 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 11008)])
+@pytest.mark.parametrize("m", [1, 8])
+def test_nf4_mma_kernel_matches_float64_dequant(n: int, k: int, m: int) -> None:
+    """NF4 (blocks of 64) through the tensor-core kernel, levels rounded to bfloat16 by its PTX."""
+    from llmopt.quant.kernels import triton_int4_mma as T
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(n, k, generator=g) * 0.02
+    nf = P.quantize_nf4(w, 64)
+    absmax = nf.absmax.t().contiguous().to(torch.bfloat16)  # [G, N]
+    deq = ref.dequant_nf4(P.pack_bits(nf.codes.t().contiguous(), 4), absmax, 64, k, torch.float64)
+    packed, at, _ = (t.cuda() for t in T.pack(nf.codes, absmax, absmax))
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+    y = T.nf4_mma(x, packed, at, 64, P.nf4_codebook().cuda())
+    expect = x.double() @ deq.cuda().t()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.double() - expect).norm() / expect.norm()).item() < 5e-3
+
+
+@pytest.mark.gpu
 def test_int4_module_takes_the_mma_kernel_for_batched_decode() -> None:
     """Int4Linear (groups of 128) on CUDA holds the tensor-core layout and sends 4 to 16 rows
     through it (fewer stay on tinygemm): eager and compiled both match float64
@@ -750,7 +825,7 @@ def test_int4_module_takes_the_mma_kernel_for_batched_decode() -> None:
 
 
 _MMA_COMPILE_SCRIPT = r'''
-import re, subprocess, tempfile
+import itertools, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -760,9 +835,9 @@ from llmopt.quant.kernels import triton_int4_mma as T
 ptxas = get_ptxas(90)
 ptxas = getattr(ptxas, "path", ptxas)
 C = "constexpr"
-sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32",
-       "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32", "GROUP": C, "BLOCK_N": C, "CHUNKS": C,
-       "SPLIT_N": C, "COLS": C}
+sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32", "out_ptr": "*fp32",
+       "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32", "GROUP": C, "BLOCK_N": C, "CHUNKS": C,
+       "SPLIT_N": C, "COLS": C, "NF4": C}
 hinted = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm")
 attrs = {(T._int4_mma.arg_names.index(a),): [["tt.divisibility", 16]] for a in hinted}
 done, spilled, no_asm = set(), [], []
@@ -772,16 +847,16 @@ for group in (32, 64, 128):
         if planned is None:
             continue
         cap, cols = planned
-        for bn, ch, sn, warps, stages in T.TILES:
-            key = (group, cols, bn, ch, warps, stages)
-            if ch > cap or key in done:
+        for (bn, ch, sn, warps, stages), nf4 in itertools.product(T.TILES, (False, True)):
+            key = (group, cols, bn, ch, warps, stages, nf4)
+            if ch > cap or key in done or (nf4 and group != 64):  # NF4: blocks of 64
                 continue
             done.add(key)
-            consts = {"GROUP": group, "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_N": sn, "COLS": cols}
+            consts = {"GROUP": group, "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_N": sn, "COLS": cols, "NF4": nf4}
             k = triton.compile(ASTSource(fn=T._int4_mma, signature=sig, constexprs=consts, attrs=attrs),
                                target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
             ptx = k.asm["ptx"]
-            if "lop3.b32" not in ptx or "wgmma" not in ptx:  # the PTX decode and the tensor cores
+            if ("prmt.b32" if nf4 else "lop3.b32") not in ptx or "wgmma" not in ptx:  # PTX decode, tensor cores
                 no_asm.append(key)
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                 f.write(ptx)
@@ -796,7 +871,7 @@ assert len(done) >= 20 and not spilled and not no_asm, (spilled, no_asm)
 
 
 def test_int4_mma_kernel_compiles_for_hopper_without_spills(tmp_path) -> None:
-    """Every tile the tensor-core int4 kernel can be given (``plan``: groups of 32 to 128, 1 to
-    16 rows) compiles for sm_90 with its PTX decode and wgmma and spills no registers; skipped
-    without triton."""
+    """Every tile the tensor-core kernel can be given (``plan``: groups of 32 to 128, 1 to 16
+    rows; NF4 with blocks of 64) compiles for sm_90 with its PTX decode and wgmma and spills no
+    registers; skipped without triton."""
     run_triton_script(_MMA_COMPILE_SCRIPT, tmp_path, interpret=False)

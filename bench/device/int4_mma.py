@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 16])
     p.add_argument("--groups", type=int, nargs="+", default=[128, 32])
     p.add_argument("--rotate-mb", type=float, default=200.0)
+    p.add_argument("--nf4", action="store_true", help="also NF4 (blocks of 64): the kernel against the default path")
     args = p.parse_args()
     torch.manual_seed(0)
     copy = copy_bandwidth(torch.device("cuda")) / 1e9
@@ -70,28 +71,18 @@ def main() -> int:
                     cands["gemv1-magic"] = [partial(T.gemv, x, c[0], c[1], c[2], c[1], T.FMT_INT4, group,
                                                     one_row="deferred", int_decode="magic") for c in old_copies]
                 for name, fns in cands.items():
-                    row = {"group": group, "shape": [n, k], "rows": m, "kernel": name}
-                    if fns[0] is None:
-                        rows_out.append({**row, "error": "not available"})
-                        continue
-                    try:
-                        y = fns[0]()
-                        err = ((y.double() - expect).norm() / expect.norm()).item()
-                        if err > 1e-2:
-                            rows_out.append({**row, "error": f"relative error {err:.3g}"})
-                            continue
-                        us = _time_us(fns)
-                    except Exception as e:  # one failing kernel must not lose the others
-                        rows_out.append({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                        continue
-                    cfg = None
-                    kern = MMA._KERNELS[MMA.plan(m, group)[0]] if name == "mma" else None
+                    r = _measure({"group": group, "shape": [n, k], "rows": m, "kernel": name},
+                                 fns if fns[0] is not None else None, expect, nbytes)
+                    kern = MMA._KERNELS[MMA.plan(m, group)[0]] if name == "mma" and "us" in r else None
                     if kern is not None and kern.best_config is not None:
-                        cfg = {**kern.best_config.kwargs, "num_warps": kern.best_config.num_warps,
-                               "num_stages": kern.best_config.num_stages}
-                    rows_out.append({**row, "us": us, "bytes": nbytes, "gb_per_s": nbytes / us / 1e3,
-                                     "vs_bf16": base_us / us, "relative_error": err, "config": cfg})
+                        r["config"] = {**kern.best_config.kwargs, "num_warps": kern.best_config.num_warps,
+                                       "num_stages": kern.best_config.num_stages}
+                    if "us" in r:
+                        r["vs_bf16"] = base_us / r["us"]
+                    rows_out.append(r)
                 print(f"g{group} {n}x{k} rows={m} done", file=sys.stderr, flush=True)
+    if args.nf4:
+        rows_out += _nf4_cases(args.rows, args.rotate_mb)
     save(args.out, rows_out, copy)
     print(f"{'g':>4} {'shape':>12} {'rows':>4} {'kernel':>12} {'us':>8} {'GB/s':>7} {'% copy':>6} {'vs bf16':>7}  config")
     for r in rows_out:
@@ -103,6 +94,55 @@ def main() -> int:
         print(f"{head} {r['us']:8.1f} {r['gb_per_s']:7.0f} {100 * r['gb_per_s'] / copy:6.1f} "
               f"{r.get('vs_bf16', 1.0):7.2f}  {r.get('config') or ''}")
     return 0
+
+
+def _nf4_cases(rows: list[int], rotate_mb: float) -> list[dict]:
+    """NF4 with blocks of 64 through the tensor-core kernel and through the default path
+    (``nf4_matmul`` as ``auto`` calls it: the one-row kernel at one row, the tiled one above)."""
+    from wo_kernels import _copies
+
+    from llmopt.quant import primitives as P
+    from llmopt.quant.kernels import reference as ref
+    from llmopt.quant.kernels import triton_int4_mma as MMA
+    from llmopt.quant.kernels import triton_wo as T
+
+    out = []
+    lut = P.nf4_codebook().cuda()
+    for n, k in SHAPES:
+        nf = P.quantize_nf4(torch.randn(n, k, device="cuda") * 0.02, 64)
+        absmax = nf.absmax.t().contiguous().to(torch.bfloat16)
+        qw = P.pack_bits(nf.codes.t().contiguous(), 4)
+        deq = ref.dequant_nf4(qw, absmax, 64, k, torch.float64)
+        packed, at, _ = MMA.pack(nf.codes, absmax, absmax)
+        nbytes = packed.numel() + 2 * at.numel()
+        for m in rows:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            expect = x.double() @ deq.t()
+            cands = {"nf4-mma": [partial(MMA.nf4_mma, x, c[0], c[1], 64, lut)
+                                 for c in _copies((packed, at), nbytes, rotate_mb)] if MMA.fits(m, k, 64) else None,
+                     "nf4-default": [partial(T.nf4_matmul, x, c[0], c[1], 64, lut, gemv_rows=1)
+                                     for c in _copies((qw, absmax), nbytes, rotate_mb)]}
+            for name, fns in cands.items():
+                out.append(_measure({"group": 64, "shape": [n, k], "rows": m, "kernel": name}, fns, expect, nbytes))
+    return out
+
+
+def _measure(row: dict, fns: list | None, expect: torch.Tensor, nbytes: int) -> dict:
+    """``row`` with the microseconds per call of ``fns`` (copies of one call) and the bytes per
+    second, or an error: none to run, a relative error above 1e-2 against ``expect``, or what
+    the call raised (one failing kernel must not lose the others)."""
+    from wo_kernels import _time_us
+
+    if fns is None:
+        return {**row, "error": "not available"}
+    try:
+        err = ((fns[0]().double() - expect).norm() / expect.norm()).item()
+        if err > 1e-2:
+            return {**row, "error": f"relative error {err:.3g}"}
+        us = _time_us(fns)
+    except Exception as e:
+        return {**row, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return {**row, "us": us, "bytes": nbytes, "gb_per_s": nbytes / us / 1e3, "relative_error": err}
 
 
 if __name__ == "__main__":

@@ -314,6 +314,27 @@ class NF4Linear(QuantLinear):
             self.register_buffer("absmax_offset", torch.zeros((), dtype=torch.float32, device=device))
         else:
             self.register_buffer("absmax", torch.ones(g, out_features, dtype=dtype, device=device))
+        # the tensor-core kernel's layout (LLMOPT_WO_KERNEL=mma), built by prepare_for_device
+        self.register_buffer("mma_weight", None, persistent=False)
+        self.register_buffer("mma_absmax", None, persistent=False)
+
+    def prepare_for_device(self) -> None:
+        """On CUDA where the tensor-core kernel is wanted for NF4 (``kernels.mma_wanted``; not
+        under ``auto``, where it is not yet measured), its layout (``triton_int4_mma.pack``): a
+        second copy of the codes, absmax [N, G]. Double-quantised absmax stays on the other path."""
+        self.mma_weight = self.mma_absmax = None
+        if (kernels.mma_wanted(self.block_size, "nf4") and self.qweight.is_cuda and not self.double_quant
+                and self.in_features % 128 == 0 and self.block_size >= 16
+                and self.block_size & (self.block_size - 1) == 0):
+            from llmopt.quant.kernels.triton_int4_mma import pack
+
+            codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t()
+            self.mma_weight, self.mma_absmax, _ = pack(codes, self.absmax, self.absmax)
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads: the codes, absmax and codebook (the tensor-core copy, when
+        there is one, is as large)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if not name.startswith("mma_"))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -338,6 +359,9 @@ class NF4Linear(QuantLinear):
         return double_dequantize(dq, self.dq_block_size)  # float32 [G, N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mma_weight is not None and kernels.use_mma_for(x, self.block_size, "nf4"):
+            return kernels.nf4_linear_mma(x, self.mma_weight, self.mma_absmax, self.block_size,
+                                          self.codebook, self.bias)
         absmax = self.current_absmax().to(x.dtype)
         return kernels.nf4_linear(x, self.qweight, absmax, self.block_size, self.bias, self.codebook)
 

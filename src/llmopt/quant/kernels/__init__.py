@@ -97,8 +97,8 @@ def gpu_kernel_choice() -> str:
     and everything else to ``triton``; ``torch`` the plain-PyTorch path, which torch.compile
     fuses (dequantise inside inductor's GEMV). ``auto`` sends int4 at 4 to 16 rows with groups of 128 or
     more, and at 8 to 16 with groups of 64 (batched decode), to the tensor-core kernel
-    (``triton_int4_mma.py``; ``mma_min_rows``) where the shape fits it; ``mma`` sends it there
-    at 1 to 16 rows, every group size."""
+    (``triton_int4_mma.py``; ``mma_min_rows``) where the shape fits it; ``mma`` sends int4 and NF4
+    (single-level absmax) there at 1 to 16 rows, every group size."""
     return env_choice("LLMOPT_WO_KERNEL", "auto", KERNEL_CHOICES)
 
 
@@ -125,11 +125,12 @@ _TINYGEMM = _CHOICE in ("auto", "tinygemm", "mma") and hasattr(torch, "_weight_i
 _MMA_MIN_ROWS_AUTO = {128: 4, 64: 8}
 
 
-def mma_min_rows(group_size: int) -> int:
-    """The fewest rows sent to the tensor-core kernel for this group size (0: none)."""
+def mma_min_rows(group_size: int, fmt: str = "int4") -> int:
+    """The fewest rows sent to the tensor-core kernel for this format ("int4" or "nf4") and
+    group size (0: none). NF4 takes it only under ``LLMOPT_WO_KERNEL=mma`` (not measured yet)."""
     if _CHOICE == "mma":
         return 1
-    if _CHOICE != "auto":
+    if _CHOICE != "auto" or fmt != "int4":
         return 0
     return _MMA_MIN_ROWS_AUTO[128] if group_size >= 128 else _MMA_MIN_ROWS_AUTO.get(group_size, 0)
 TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
@@ -146,16 +147,16 @@ def use_tinygemm_for(x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] <= SMALL_M)
 
 
-def mma_wanted(group_size: int) -> bool:
-    """Whether an ``Int4Linear`` with these groups should hold the tensor-core kernel's layout
-    on CUDA."""
-    return _TRITON_OK and mma_min_rows(group_size) > 0
+def mma_wanted(group_size: int, fmt: str = "int4") -> bool:
+    """Whether an ``Int4Linear`` (``NF4Linear``: fmt "nf4") with these groups should hold the
+    tensor-core kernel's layout on CUDA."""
+    return _TRITON_OK and mma_min_rows(group_size, fmt) > 0
 
 
-def use_mma_for(x: torch.Tensor, group_size: int) -> bool:
+def use_mma_for(x: torch.Tensor, group_size: int, fmt: str = "int4") -> bool:
     """x goes to the tensor-core int4 kernel: CUDA, bfloat16 or float16, a row count from
     ``mma_min_rows`` on that the kernel's columns hold (``triton_int4_mma.fits``)."""
-    least = mma_min_rows(group_size)
+    least = mma_min_rows(group_size, fmt)
     if not (least and x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)):
         return False
     rows = x.numel() // x.shape[-1]
@@ -241,6 +242,18 @@ def int4_linear_mma(
     from llmopt.quant.kernels.triton_int4_mma import int4_mma
 
     y = int4_mma(x, packed, scales_t, zeros_t, group_size)
+    return y if bias is None else y + bias
+
+
+def nf4_linear_mma(
+    x: torch.Tensor, packed: torch.Tensor, absmax_t: torch.Tensor, block_size: int, lut: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CUDA decode of NF4 through the tensor-core kernel (``LLMOPT_WO_KERNEL=mma``; layout built
+    by ``NF4Linear.prepare_for_device``)."""
+    from llmopt.quant.kernels.triton_int4_mma import nf4_mma
+
+    y = nf4_mma(x, packed, absmax_t, block_size, lut)
     return y if bias is None else y + bias
 
 

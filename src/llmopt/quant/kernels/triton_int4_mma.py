@@ -1,15 +1,17 @@
-"""int4 decode matmul on tensor cores (CUDA, 1 to 16 input rows): the default for batched int4
-decode (4 to 16 rows; ``kernels.mma_min_rows``), every decode size under ``LLMOPT_WO_KERNEL=mma``.
+"""int4 (and NF4) decode matmul on tensor cores (CUDA, 1 to 16 input rows): the default for
+batched int4 decode (4 to 16 rows; ``kernels.mma_min_rows``), every decode size, and NF4, under
+``LLMOPT_WO_KERNEL=mma``.
 
 The one-row kernels in ``triton_wo.py`` multiply each weight on the CUDA cores: decoding a code
 and its FMA cost about five instructions per weight (sm_90 SASS), so at int4 (two weights per
 byte) they run out of issue slots near 1.4 TB/s on an H200, where bf16 rows stream at 3.6, and
 torch's int4 GEMM (tinygemm) slows in proportion to the rows (0.7 TB/s at eight). Here the
-products go to the tensor cores, ``tl.dot(weights, x)``, the weights as the [BLOCK_N, k] operand and the
-input rows as a [k, COLS] operand padded with zeros to 16 (or 32) columns. The padding is free
-(the tensor cores are idle at batch 1) and carries the groups: column ``m * NGT + t`` holds row
-m's inputs of the tile's t-th quantisation group and zeros elsewhere, so one dot yields every
-group's partial sum separately and the scale and zero come after it, per column:
+products go to the tensor cores, ``tl.dot(weights, x)``, the weights as the [BLOCK_N, k]
+operand and the input rows as a [k, COLS] operand padded with zeros to 16 (or 32) columns.
+The padding is free (the tensor cores are idle at batch 1) and carries the groups: column
+``m * NGT + t`` holds row m's inputs of the tile's t-th quantisation group and zeros elsewhere,
+so one dot yields every group's partial sum separately and the scale and zero come after it,
+per column:
     sum_k (q - z) s x = s (sum_k (q + 128) x - (z + 128) sum_k x)   per group.
 A code becomes the bfloat16 number 128 + q by OR-ing it into the mantissa of 128 (0x4300): one
 integer op, no conversion, exact; the offset comes out with the zero.
@@ -29,8 +31,11 @@ Measured on an H200 (bench/results/decode/h200_s16*/int4_mma.json): 0.9-1.6 TB/s
 (tinygemm 1.3-1.9: it stays the one-row path), 1.1-1.4 TB/s at eight rows where tinygemm
 makes 0.67-0.80 and bf16 cuBLAS 3.4-3.9 (so 1.0-1.5x bf16's speed, not the 4x the bytes allow).
 
-Reference: ``reference.dequant_int4`` (tests/test_quant_kernels.py checks this kernel against it
-in float64 under the interpreter and on the GPU).
+NF4 (``NF4=True``) uses the same layout with the codes' levels in place of 128 + code (by byte
+permutes, ``_split_nf4_bf16``) and its absmax as the scale, no zero; not measured yet.
+
+Reference: ``reference.dequant_int4`` / ``dequant_nf4`` (tests/test_quant_kernels.py checks
+this kernel against them in float64 under the interpreter and on the GPU).
 """
 
 from __future__ import annotations
@@ -70,11 +75,62 @@ def _split_bf16(b):
         "=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
 
 
+def nf4_split_asm() -> str:
+    """PTX that turns two bytes of NF4 codes (the low 16 bits of $2) into the levels, rounded
+    to bfloat16, of their low nibbles ($0, a pair) and of their high nibbles ($1), by byte
+    permutes from the levels' high- and low-byte tables (``triton_wo.nf4_byte_tables``; the
+    one-row kernel's ``_nf4_prmt_asm`` does the same for eight codes into float32): per table a
+    permute into its first 8 entries and one into its last 8 (selector: the codes' low three
+    bits) and a third choosing between them by bit 3, then two permutes interleave the bytes
+    into the two pairs. 12 instructions per 4 weights, no memory access."""
+    from llmopt.quant.kernels.triton_wo import nf4_byte_tables
+
+    hi, lo = nf4_byte_tables()
+    lines = ["{", ".reg .b32 s, sh, a, b, hh, ll;",
+             "and.b32 s, $2, 0x7777;",
+             "and.b32 sh, $2, 0x8888;",
+             "shr.u32 sh, sh, 1;",
+             "or.b32 sh, sh, 0x3210;"]
+    for table, dst in ((hi, "hh"), (lo, "ll")):
+        lines += [f"prmt.b32 a, {table[0]:#010x}, {table[1]:#010x}, s;",
+                  f"prmt.b32 b, {table[2]:#010x}, {table[3]:#010x}, s;",
+                  f"prmt.b32 {dst}, a, b, sh;"]
+    # nibbles 0-3 are byte 0's low and high, byte 1's low and high: pairs (0, 2) and (1, 3)
+    lines += ["prmt.b32 $0, ll, hh, 0x6240;", "prmt.b32 $1, ll, hh, 0x7351;", "}"]
+    return "\n".join(lines)
+
+
+@triton.jit
+def _split_nf4_bf16(b):
+    """Each byte of b into the NF4 levels (bfloat16) of its low and of its high nibble, two bytes
+    in, one pair out for each half. The PTX is ``nf4_split_asm()`` written out (a kernel names
+    no module-level constant; a test checks the two agree)."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 s, sh, a, b, hh, ll;
+        and.b32 s, $2, 0x7777;
+        and.b32 sh, $2, 0x8888;
+        shr.u32 sh, sh, 1;
+        or.b32 sh, sh, 0x3210;
+        prmt.b32 a, 0xbebfbfbf, 0x00bdbebe, s;
+        prmt.b32 b, 0x3e3e3e3d, 0x3f3f3f3e, s;
+        prmt.b32 hh, a, b, sh;
+        prmt.b32 a, 0xca063280, 0x00ba3d92, s;
+        prmt.b32 b, 0xad7c25a3, 0x803910e2, s;
+        prmt.b32 ll, a, b, sh;
+        prmt.b32 $0, ll, hh, 0x6240;
+        prmt.b32 $1, ll, hh, 0x7351;
+        }
+        """,
+        "=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+
+
 @triton.jit
 def _int4_mma(
-    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm,
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, M, N, K, G, stride_xm,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_N: tl.constexpr,
-    COLS: tl.constexpr,
+    COLS: tl.constexpr, NF4: tl.constexpr = False,
 ):
     """x [M, K] against the packed codes into a zeroed float32 out [M, N]. A program owns one
     slice of K, 128 CHUNKS inputs (program_id 0), builds its expanded input operand once, then
@@ -119,18 +175,28 @@ def _int4_mma(
         mask_n = offs_n < N
         b = tl.load(w_ptr + offs_n[:, None] * (K // 2) + kb[None, :],
                     mask=mask_n[:, None] & (kb < K // 2)[None, :], other=0)
-        if DT == tl.bfloat16:
+        if NF4:  # the levels themselves; lut_ptr: the 16 levels, float32 (float16 inputs only)
+            if DT == tl.bfloat16:
+                lo, hi = _split_nf4_bf16(b)
+            else:
+                lo = tl.load(lut_ptr + (b & 0xF)).to(DT)
+                hi = tl.load(lut_ptr + (b >> 4)).to(DT)
+        elif DT == tl.bfloat16:
             lo, hi = _split_bf16(b)
         else:
             bi = b.to(tl.int16)
-            lo = ((bi & 0xF) | MAGIC).to(DT, bitcast=True)
+            lo = ((bi & 0xF) | MAGIC).to(DT, bitcast=True)  # OFF + code
             hi = ((bi >> 4) | MAGIC).to(DT, bitcast=True)
         d = tl.dot(lo, xl)
         d = tl.dot(hi, xh, d)
         gm = mask_n[:, None] & (g < G)[None, :]
         sc = tl.load(s_ptr + offs_n[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + offs_n[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        res = tl.sum(tl.reshape(sc * (d - (zp + OFF) * sx[None, :]), (BLOCK_N, MR, NGT)), axis=2)
+        if NF4:  # w = level * absmax: the scale alone
+            part = sc * d
+        else:
+            zp = tl.load(z_ptr + offs_n[:, None] * G + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            part = sc * (d - (zp + OFF) * sx[None, :])
+        res = tl.sum(tl.reshape(part, (BLOCK_N, MR, NGT)), axis=2)
         tl.atomic_add(out_ptr + rows_m[None, :] * N + offs_n[:, None], res,
                       mask=mask_n[:, None] & (rows_m < M)[None, :], sem="relaxed")
 
@@ -150,7 +216,7 @@ MAX_COLS = 32
 def _autotuner(cap: int):  # noqa: ANN202 - triton's Autotuner
     configs = [triton.Config({"BLOCK_N": bn, "CHUNKS": c, "SPLIT_N": sn}, num_warps=w, num_stages=st)
                for bn, c, sn, w, st in TILES if c <= cap]
-    return triton.autotune(configs=configs, key=["M", "N", "K", "GROUP", "COLS"],
+    return triton.autotune(configs=configs, key=["M", "N", "K", "GROUP", "COLS", "NF4"],
                            reset_to_zero=["out_ptr"])(_int4_mma)
 
 
@@ -179,6 +245,18 @@ def fits(m: int, in_features: int, group: int) -> bool:
 def int4_mma(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
              group: int) -> torch.Tensor:
     """x [..., K] (rows that ``fits``) against ``pack``'s layout; returns x's dtype."""
+    return _mma(x, packed, scales_t, zeros_t, scales_t, group, False)
+
+
+def nf4_mma(x: torch.Tensor, packed: torch.Tensor, absmax_t: torch.Tensor, block: int,
+            lut: torch.Tensor) -> torch.Tensor:
+    """x [..., K] against NF4 codes in ``pack``'s layout (absmax [N, G] in place of the scales,
+    no zeros); ``lut`` the 16 levels (float32, read for float16 inputs)."""
+    return _mma(x, packed, absmax_t, absmax_t, lut, block, True)
+
+
+def _mma(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lut: torch.Tensor,
+         group: int, nf4: bool) -> torch.Tensor:
     k = x.shape[-1]
     n = packed.shape[0]
     x2 = x.reshape(-1, k)
@@ -190,5 +268,5 @@ def int4_mma(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zero
     cap, cols = planned
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     _KERNELS[cap][lambda meta: (triton.cdiv(k, CHUNK * meta["CHUNKS"]), meta["SPLIT_N"])](
-        x2, packed, scales_t, zeros_t, out, m, n, k, scales_t.shape[1], x2.stride(0), GROUP=group, COLS=cols)
+        x2, packed, s, z, lut, out, m, n, k, s.shape[1], x2.stride(0), GROUP=group, COLS=cols, NF4=nf4)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
