@@ -225,8 +225,7 @@ class Int4Linear(QuantLinear):
         self.tg_weight = self.tg_scales_zeros = None
         self.mma_weight = self.mma_scales = self.mma_zeros = None
         if (kernels.mma_wanted(self.group_size) and self.qweight.is_cuda and self.perm is None
-                and self.in_features % 128 == 0 and self.group_size >= 16
-                and self.group_size & (self.group_size - 1) == 0):
+                and kernels.mma_layout_fits(self.in_features, self.group_size)):
             from llmopt.quant.kernels.triton_int4_mma import pack
 
             codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t()
@@ -324,8 +323,7 @@ class NF4Linear(QuantLinear):
         second copy of the codes, absmax [N, G]. Double-quantised absmax stays on the other path."""
         self.mma_weight = self.mma_absmax = None
         if (kernels.mma_wanted(self.block_size, "nf4") and self.qweight.is_cuda and not self.double_quant
-                and self.in_features % 128 == 0 and self.block_size >= 16
-                and self.block_size & (self.block_size - 1) == 0):
+                and kernels.mma_layout_fits(self.in_features, self.block_size)):
             from llmopt.quant.kernels.triton_int4_mma import pack
 
             codes = kernels.ref.unpack_int4_kn(self.qweight, self.in_features).t()

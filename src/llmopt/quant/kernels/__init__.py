@@ -95,10 +95,10 @@ def gpu_kernel_choice() -> str:
     ``triton-gemv`` every format at 1 to 8 rows to ``triton_wo.gemv`` (no padded tl.dot rows,
     large tiles along K, each weight tile decoded once for all rows; not measured above one row)
     and everything else to ``triton``; ``torch`` the plain-PyTorch path, which torch.compile
-    fuses (dequantise inside inductor's GEMV). ``auto`` sends int4 at 4 to 16 rows with groups of 128 or
-    more, and at 8 to 16 with groups of 64 (batched decode), to the tensor-core kernel
-    (``triton_int4_mma.py``; ``mma_min_rows``) where the shape fits it; ``mma`` sends int4 and NF4
-    (single-level absmax) there at 1 to 16 rows, every group size."""
+    fuses (dequantise inside inductor's GEMV). ``auto`` sends int4 at 4 to 16 rows with groups
+    of 128 or more, and at 8 to 16 with groups of 64 (batched decode), to the tensor-core kernel
+    (``triton_int4_mma.py``; ``mma_min_rows``) where the shape fits it; ``mma`` sends int4 and
+    NF4 (single-level absmax) there at 1 to 16 rows, every group size."""
     return env_choice("LLMOPT_WO_KERNEL", "auto", KERNEL_CHOICES)
 
 
@@ -115,6 +115,20 @@ _CHOICE = gpu_kernel_choice()
 _TRITON_OK = importlib.util.find_spec("triton") is not None and _CHOICE != "torch"
 _GEMV_ROWS = {f: gemv_rows(_CHOICE, f) for f in ("int8", "int8g", "int4", "nf4", "fp8")}
 _TINYGEMM = _CHOICE in ("auto", "tinygemm", "mma") and hasattr(torch, "_weight_int4pack_mm")
+TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
+
+
+def tinygemm_fits(in_features: int, out_features: int, group_size: int) -> bool:
+    """Shapes torch's CUDA int4 kernel takes: whole groups of 32-256, K a multiple of 128, N of 8."""
+    return (group_size in (32, 64, 128, 256) and in_features % group_size == 0
+            and in_features % (16 * TINYGEMM_INNER_K_TILES) == 0 and out_features % 8 == 0)
+
+
+def use_tinygemm_for(x: torch.Tensor) -> bool:
+    return (_TINYGEMM and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and x.numel() // x.shape[-1] <= SMALL_M)
+
+
 # Rows from which int4 goes to the tensor-core kernel (``triton_int4_mma``), by group size; 0:
 # never. Measured on an H200 (7B layer shapes, bench/results/decode/h200_s16*/int4_mma.json)
 # against tinygemm, per layer's four matmuls (q/k/v and gate/up fused): g128 lost at one and
@@ -133,18 +147,12 @@ def mma_min_rows(group_size: int, fmt: str = "int4") -> int:
     if _CHOICE != "auto" or fmt != "int4":
         return 0
     return _MMA_MIN_ROWS_AUTO[128] if group_size >= 128 else _MMA_MIN_ROWS_AUTO.get(group_size, 0)
-TINYGEMM_INNER_K_TILES = 8  # torch's tile parameter (2, 4 or 8); K must be a multiple of 16 * 8
 
 
-def tinygemm_fits(in_features: int, out_features: int, group_size: int) -> bool:
-    """Shapes torch's CUDA int4 kernel takes: whole groups of 32-256, K a multiple of 128, N of 8."""
-    return (group_size in (32, 64, 128, 256) and in_features % group_size == 0
-            and in_features % (16 * TINYGEMM_INNER_K_TILES) == 0 and out_features % 8 == 0)
-
-
-def use_tinygemm_for(x: torch.Tensor) -> bool:
-    return (_TINYGEMM and x.device.type == "cuda" and x.dtype == torch.bfloat16
-            and x.numel() // x.shape[-1] <= SMALL_M)
+def mma_layout_fits(in_features: int, group_size: int) -> bool:
+    """Shapes the tensor-core kernel's layout holds: K in whole chunks of 128, groups of a power
+    of two from 16 on (so that groups and tiles nest)."""
+    return in_features % 128 == 0 and group_size >= 16 and group_size & (group_size - 1) == 0
 
 
 def mma_wanted(group_size: int, fmt: str = "int4") -> bool:

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmopt.quant.kernels import mma_layout_fits
+
 CHUNK = 128  # k per chunk of the layout; its bytes hold CHUNK // 2 low and CHUNK // 2 high codes
 
 
@@ -236,10 +238,9 @@ def plan(m: int, group: int) -> tuple[int, int] | None:
 
 
 def fits(m: int, in_features: int, group: int) -> bool:
-    """Shapes this kernel takes: K in whole chunks, groups of a power of two from 16 on (so
-    that groups and tiles nest), and m rows that fit the columns."""
-    return (in_features % CHUNK == 0 and group >= 16 and group & (group - 1) == 0
-            and plan(m, group) is not None)
+    """Shapes this kernel takes: the layout's (``kernels.mma_layout_fits``) and m rows that fit
+    the columns."""
+    return mma_layout_fits(in_features, group) and plan(m, group) is not None
 
 
 def int4_mma(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
