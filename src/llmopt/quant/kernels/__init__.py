@@ -149,10 +149,13 @@ def mma_min_rows(group_size: int, fmt: str = "int4") -> int:
     return _MMA_MIN_ROWS_AUTO[128] if group_size >= 128 else _MMA_MIN_ROWS_AUTO.get(group_size, 0)
 
 
+MMA_CHUNK = 128  # k per chunk of the tensor-core layout: its bytes hold 64 low and 64 high codes
+
+
 def mma_layout_fits(in_features: int, group_size: int) -> bool:
-    """Shapes the tensor-core kernel's layout holds: K in whole chunks of 128, groups of a power
-    of two from 16 on (so that groups and tiles nest)."""
-    return in_features % 128 == 0 and group_size >= 16 and group_size & (group_size - 1) == 0
+    """Shapes the tensor-core kernel's layout holds: K in whole chunks (``MMA_CHUNK``), groups of
+    a power of two from 16 on (so that groups and tiles nest)."""
+    return in_features % MMA_CHUNK == 0 and group_size >= 16 and group_size & (group_size - 1) == 0
 
 
 def mma_wanted(group_size: int, fmt: str = "int4") -> bool:

@@ -44,9 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmopt.quant.kernels import MMA_CHUNK as CHUNK
 from llmopt.quant.kernels import mma_layout_fits
-
-CHUNK = 128  # k per chunk of the layout; its bytes hold CHUNK // 2 low and CHUNK // 2 high codes
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -80,23 +79,18 @@ def _split_bf16(b):
 def nf4_split_asm() -> str:
     """PTX that turns two bytes of NF4 codes (the low 16 bits of $2) into the levels, rounded
     to bfloat16, of their low nibbles ($0, a pair) and of their high nibbles ($1), by byte
-    permutes from the levels' high- and low-byte tables (``triton_wo.nf4_byte_tables``; the
-    one-row kernel's ``_nf4_prmt_asm`` does the same for eight codes into float32): per table a
-    permute into its first 8 entries and one into its last 8 (selector: the codes' low three
-    bits) and a third choosing between them by bit 3, then two permutes interleave the bytes
-    into the two pairs. 12 instructions per 4 weights, no memory access."""
-    from llmopt.quant.kernels.triton_wo import nf4_byte_tables
+    permutes from the levels' high- and low-byte tables (``triton_wo.nf4_level_bytes_ptx``, which
+    the one-row kernel's ``_nf4_prmt_asm`` uses too, for eight codes into float32), then two
+    permutes interleave the bytes into the two pairs. 12 instructions per 4 weights, no memory
+    access."""
+    from llmopt.quant.kernels.triton_wo import nf4_level_bytes_ptx
 
-    hi, lo = nf4_byte_tables()
     lines = ["{", ".reg .b32 s, sh, a, b, hh, ll;",
              "and.b32 s, $2, 0x7777;",
              "and.b32 sh, $2, 0x8888;",
              "shr.u32 sh, sh, 1;",
-             "or.b32 sh, sh, 0x3210;"]
-    for table, dst in ((hi, "hh"), (lo, "ll")):
-        lines += [f"prmt.b32 a, {table[0]:#010x}, {table[1]:#010x}, s;",
-                  f"prmt.b32 b, {table[2]:#010x}, {table[3]:#010x}, s;",
-                  f"prmt.b32 {dst}, a, b, sh;"]
+             "or.b32 sh, sh, 0x3210;",
+             *nf4_level_bytes_ptx()]
     # nibbles 0-3 are byte 0's low and high, byte 1's low and high: pairs (0, 2) and (1, 3)
     lines += ["prmt.b32 $0, ll, hh, 0x6240;", "prmt.b32 $1, ll, hh, 0x7351;", "}"]
     return "\n".join(lines)

@@ -211,6 +211,21 @@ def nf4_byte_tables() -> tuple[list[int], list[int]]:
     return words([(v >> 8) & 0xFF for v in bits.tolist()]), words([v & 0xFF for v in bits.tolist()])
 
 
+def nf4_level_bytes_ptx() -> list[str]:
+    """PTX lines that look up four NF4 codes at once: with the selector ``s`` (the codes' low
+    three bits, one per nibble) and ``sh`` (0x3210 plus 4 where a code's bit 3 is set), the
+    levels' high bytes into ``hh`` and their low bytes into ``ll`` (uses ``a`` and ``b``): per
+    byte table a permute into its first 8 entries, one into its last 8, and a third picking
+    between them. Shared by this module's decode and ``triton_int4_mma``'s."""
+    hi, lo = nf4_byte_tables()
+    lines = []
+    for table, dst in ((hi, "hh"), (lo, "ll")):
+        lines += [f"prmt.b32 a, {table[0]:#010x}, {table[1]:#010x}, s;",
+                  f"prmt.b32 b, {table[2]:#010x}, {table[3]:#010x}, s;",
+                  f"prmt.b32 {dst}, a, b, sh;"]
+    return lines
+
+
 def _nf4_prmt_asm() -> str:
     """PTX that turns one int32 of eight NF4 codes (code j at bits 4j..4j+3) into the eight
     levels as float32 bit patterns ($0..$7), with byte permutes instead of a codebook load per
@@ -219,7 +234,6 @@ def _nf4_prmt_asm() -> str:
     between the two by the codes' bit 3 (selector 0x3210, plus 4 where bit 3 is set). Then the
     high and low bytes are interleaved into two bfloat16 pairs, whose halves shift or mask into
     float32: 29 integer instructions per eight weights, no memory access."""
-    hi, lo = nf4_byte_tables()
     lines = ["{", ".reg .b32 s, sh, a, b, hh, ll, w;",
              "and.b32 s, $8, 0x77777777;",               # codes' low three bits
              "and.b32 sh, $8, 0x88888888;",
@@ -228,10 +242,7 @@ def _nf4_prmt_asm() -> str:
     for half in range(2):
         if half:
             lines += ["shr.u32 s, s, 16;", "shr.u32 sh, sh, 16;"]  # prmt reads selector bits 0-15
-        for table, dst in ((hi, "hh"), (lo, "ll")):
-            lines += [f"prmt.b32 a, {table[0]:#010x}, {table[1]:#010x}, s;",
-                      f"prmt.b32 b, {table[2]:#010x}, {table[3]:#010x}, s;",
-                      f"prmt.b32 {dst}, a, b, sh;"]
+        lines += nf4_level_bytes_ptx()
         o = 4 * half
         for pair, sel in ((0, "0x5140"), (1, "0x7362")):  # [lo0 hi0 lo1 hi1], [lo2 hi2 lo3 hi3]
             lines += [f"prmt.b32 w, ll, hh, {sel};",
