@@ -824,6 +824,39 @@ def test_int4_module_takes_the_mma_kernel_for_batched_decode() -> None:
     assert lin32.mma_weight is None and lin32.tg_weight is not None
 
 
+@pytest.mark.gpu
+def test_nf4_module_takes_the_mma_kernel_from_two_rows() -> None:
+    """NF4Linear (blocks of 64) on CUDA holds the tensor-core layout and sends 2 to 16 rows
+    through it (one row stays on the one-row kernel): eager and compiled both match float64
+    dequantise-matmul. Double-quantised absmax holds no such copy."""
+    from torch import nn
+
+    from llmopt.quant import kernels
+    from llmopt.quant.nf4 import NF4Config, quantize_linear
+
+    if kernels.mma_min_rows(64, "nf4") != 2:
+        pytest.skip("LLMOPT_WO_KERNEL is not auto")
+    g = torch.Generator().manual_seed(5)
+    n, k = 1024, 2048
+    dense = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
+    lin = quantize_linear(dense.to(torch.bfloat16), NF4Config(block_size=64)).cuda()
+    lin.prepare_for_device()
+    assert lin.mma_weight is not None
+    deq = lin.dequantize().double()
+    compiled = torch.compile(lin)
+    for m in (1, 2, 8, 16):
+        x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+        assert kernels.use_mma_for(x, 64, "nf4") == (m >= 2)
+        expect = x.double() @ deq.t()
+        for y in (lin(x), compiled(x)):
+            assert ((y.double() - expect).norm() / expect.norm()).item() < 5e-3
+    lin_dq = quantize_linear(dense, NF4Config(block_size=64, double_quant=True)).cuda()
+    lin_dq.prepare_for_device()
+    assert lin_dq.mma_weight is None
+
+
 _MMA_COMPILE_SCRIPT = r'''
 import itertools, re, subprocess, tempfile
 import triton

@@ -313,14 +313,14 @@ class NF4Linear(QuantLinear):
             self.register_buffer("absmax_offset", torch.zeros((), dtype=torch.float32, device=device))
         else:
             self.register_buffer("absmax", torch.ones(g, out_features, dtype=dtype, device=device))
-        # the tensor-core kernel's layout (LLMOPT_WO_KERNEL=mma), built by prepare_for_device
+        # the tensor-core kernel's layout (batched decode; kernels.mma_wanted), built by prepare_for_device
         self.register_buffer("mma_weight", None, persistent=False)
         self.register_buffer("mma_absmax", None, persistent=False)
 
     def prepare_for_device(self) -> None:
-        """On CUDA where the tensor-core kernel is wanted for NF4 (``kernels.mma_wanted``; not
-        under ``auto``, where it is not yet measured), its layout (``triton_int4_mma.pack``): a
-        second copy of the codes, absmax [N, G]. Double-quantised absmax stays on the other path."""
+        """On CUDA where the tensor-core kernel is wanted for NF4 (``kernels.mma_wanted``: blocks of
+        64 or more under ``auto``), its layout (``triton_int4_mma.pack``): a second copy of the
+        codes, absmax [N, G]. Double-quantised absmax stays on the other path."""
         self.mma_weight = self.mma_absmax = None
         if (kernels.mma_wanted(self.block_size, "nf4") and self.qweight.is_cuda and not self.double_quant
                 and kernels.mma_layout_fits(self.in_features, self.block_size)):

@@ -96,8 +96,9 @@ def gpu_kernel_choice() -> str:
     large tiles along K, each weight tile decoded once for all rows; not measured above one row)
     and everything else to ``triton``; ``torch`` the plain-PyTorch path, which torch.compile
     fuses (dequantise inside inductor's GEMV). ``auto`` sends int4 at 4 to 16 rows with groups
-    of 128 or more, and at 8 to 16 with groups of 64 (batched decode), to the tensor-core kernel
-    (``triton_int4_mma.py``; ``mma_min_rows``) where the shape fits it; ``mma`` sends int4 and
+    of 128 or more, at 8 to 16 with groups of 64, and NF4 (single-level absmax, blocks of 64 or
+    more) at 2 to 16 (batched decode), to the tensor-core kernel (``triton_int4_mma.py``;
+    ``mma_min_rows``) where the shape fits it; ``mma`` sends int4 and
     NF4 (single-level absmax) there at 1 to 16 rows, every group size."""
     return env_choice("LLMOPT_WO_KERNEL", "auto", KERNEL_CHOICES)
 
@@ -137,15 +138,23 @@ def use_tinygemm_for(x: torch.Tensor) -> bool:
 # against 88.6) and won at eight (121.1 against 141.1); at g32 eight rows' columns leave it
 # one-chunk tiles, with which it tied or lost (0.55-0.92 TB/s against 0.71-0.88).
 _MMA_MIN_ROWS_AUTO = {128: 4, 64: 8}
+# NF4 (blocks of 64 and more) from two rows: its one-row kernel covers a single row only, and more
+# rows otherwise take the tiled dequantise-and-dot kernel. At 8 rows that kernel streamed 0.18-0.21
+# TB/s against 0.68-1.14 for the tensor-core one, and 7B decoded 55.1 tok/s per sequence against
+# 235.1 (bench/results/decode/h200_s17a); at one row the two tie (0.76-1.38 TB/s against
+# 0.80-1.44), so the one-row kernel keeps it.
+_MMA_MIN_ROWS_AUTO_NF4 = 2
 
 
 def mma_min_rows(group_size: int, fmt: str = "int4") -> int:
     """The fewest rows sent to the tensor-core kernel for this format ("int4" or "nf4") and
-    group size (0: none). NF4 takes it only under ``LLMOPT_WO_KERNEL=mma`` (not measured yet)."""
+    group size (0: none)."""
     if _CHOICE == "mma":
         return 1
-    if _CHOICE != "auto" or fmt != "int4":
+    if _CHOICE != "auto":
         return 0
+    if fmt == "nf4":
+        return _MMA_MIN_ROWS_AUTO_NF4 if group_size >= 64 else 0
     return _MMA_MIN_ROWS_AUTO[128] if group_size >= 128 else _MMA_MIN_ROWS_AUTO.get(group_size, 0)
 
 
@@ -260,8 +269,8 @@ def nf4_linear_mma(
     x: torch.Tensor, packed: torch.Tensor, absmax_t: torch.Tensor, block_size: int, lut: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CUDA decode of NF4 through the tensor-core kernel (``LLMOPT_WO_KERNEL=mma``; layout built
-    by ``NF4Linear.prepare_for_device``)."""
+    """CUDA decode of NF4 through the tensor-core kernel (2 to 16 rows under ``auto``, every
+    decode size under ``LLMOPT_WO_KERNEL=mma``; layout built by ``NF4Linear.prepare_for_device``)."""
     from llmopt.quant.kernels.triton_int4_mma import nf4_mma
 
     y = nf4_mma(x, packed, absmax_t, block_size, lut)

@@ -1,6 +1,6 @@
 """int4 (and NF4) decode matmul on tensor cores (CUDA, 1 to 16 input rows): the default for
-batched int4 decode (4 to 16 rows; ``kernels.mma_min_rows``), every decode size, and NF4, under
-``LLMOPT_WO_KERNEL=mma``.
+batched decode (int4: 4 to 16 rows, NF4: 2 to 16; ``kernels.mma_min_rows``), and for every decode
+size under ``LLMOPT_WO_KERNEL=mma``.
 
 The one-row kernels in ``triton_wo.py`` multiply each weight on the CUDA cores: decoding a code
 and its FMA cost about five instructions per weight (sm_90 SASS), so at int4 (two weights per
