@@ -414,7 +414,7 @@ def test_one_row_kernels_every_config_under_the_interpreter(tmp_path) -> None:
 
 
 _COMPILE_SCRIPT = r'''
-import re, subprocess, tempfile
+import multiprocessing, os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -427,17 +427,24 @@ C = "constexpr"
 common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "FMT": C, "GROUP": C, "BLOCK_M": C,
           "BLOCK_N": C, "BLOCK_K": C}
 cases = []
+# The few-row kernels (int8-gN's default at one row; the rest only under LLMOPT_WO_KERNEL=triton-gemv):
+# every config for int8-gN and, at 8 rows (the most registers), for NF4; the other formats on their
+# first config only (a cold compile of every pair took minutes of CI)
 for block_m in (1, 8):
-    for cfg in T.gemv_configs(T._packed_gemv_configs(), block_m):
+    for c, cfg in enumerate(T.gemv_configs(T._packed_gemv_configs(), block_m)):
         for fmt, grp, sel in ((T.FMT_INT4, 32, False), (T.FMT_INT4, 128, False), (T.FMT_NF4, 64, False),
                               *([(T.FMT_NF4, 64, True)] if block_m == 1 else [])):  # selects: one row
+            if c and not (block_m == 8 and fmt == T.FMT_NF4):
+                continue
             sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
                    "out_ptr": "*fp32", **common, "SPLIT_K": C, "NF4_SELECT": C}
             cases.append((T._packed_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m,
                                                        "NF4_SELECT": sel, **cfg.kwargs}, cfg.num_warps))
-    for cfg in T.gemv_configs(T._rowmajor_gemv_configs(), block_m):
+    for c, cfg in enumerate(T.gemv_configs(T._rowmajor_gemv_configs(), block_m)):
         for fmt, grp, wt in ((T.FMT_INT8, 1 << 30, "*i8"), (T.FMT_INT8G, 32, "*i8"), (T.FMT_FP8, 1 << 30, "*fp8e4nv"),
                              (T.FMT_DENSE, 1 << 30, "*bf16")):
+            if c and fmt != T.FMT_INT8G:
+                continue
             sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", **common}
             cases.append((T._rowmajor_gemv_kernel, sig, {"FMT": fmt, "GROUP": grp, "BLOCK_M": block_m, **cfg.kwargs},
                           cfg.num_warps))
@@ -451,6 +458,8 @@ one = {"N": "i32", "K": "i32", "FMT": C, "BLOCK_N": C, "BLOCK_K": C, "INT_DECODE
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
     for fmt, grp, nf4 in ((T.FMT_INT4, 32, 0), (T.FMT_INT4, 128, 0), *((T.FMT_NF4, 64, d) for d in T.NF4_DECODES.values())):
         for dec in T.DECODES.values():
+            if dec == 0 and i:  # the conversion decode (LLMOPT_INT_DECODE=cvt): first tile only
+                continue
             pre_too = dec == 1 and (grp == 128 or nf4 == 2)
             for pdl, pre in ((False, False), *([(True, False)] if i == 0 and dec == 1 else []),
                              *([(False, True)] if pre_too else [])):
@@ -462,6 +471,8 @@ for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
 for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
     for fmt, wt in ((T.FMT_INT8, "*i8"), (T.FMT_FP8, "*fp8e4nv"), (T.FMT_DENSE, "*bf16")):
         for dec in T.DECODES.values():
+            if dec == 0 and i:
+                continue
             pre_too = dec == 1 and fmt != T.FMT_FP8
             for pdl, pre in ((False, False), *([(True, False)] if i == 0 and dec == 1 else []),
                              *([(False, True)] if pre_too else [])):
@@ -469,29 +480,40 @@ for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
                 cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, "PDL": pdl,
                                                               "PREFETCH": pre, **cfg.kwargs}, cfg.num_warps))
 HINTED = {id(T._packed_gemv1_kernel), id(T._rowmajor_gemv1_kernel)}
-spilled = []
-pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
-prmt_marks = []
-loads = {}
-for kern, sig, consts, warps in cases:
+
+
+def check(i):  # compile case i for sm_90; its PTX's marks and ptxas's spill report
+    kern, sig, consts, warps = cases[i]
     attrs = ({(kern.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
               if t != C and a not in ("M", "nib")} if id(kern) in HINTED else None)
     k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    if "PDL" in consts:
-        ptx = k.asm["ptx"]
-        pdl_marks.append((consts["PDL"], "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx))
-    if consts.get("NF4_DECODE") is not None:  # NF4 by byte permutes: prmt in the PTX, nowhere else
-        prmt_marks.append((consts["NF4_DECODE"] == 2, "prmt.b32" in k.asm["ptx"]))
-    if consts.get("PREFETCH") is not None:  # global load sites, to compare each PREFETCH twin
-        twin = tuple(sorted((a, v) for a, v in consts.items() if a != "PREFETCH")) + (kern.fn.__name__,)
-        loads[twin, consts["PREFETCH"]] = k.asm["ptx"].count("ld.global")
+        f.write(ptx)
     r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
     m = re.search(r"(\d+) bytes spill stores", r.stderr)
-    if r.returncode != 0 or (m and int(m.group(1)) > 0):
-        spilled.append((kern.fn.__name__, consts, r.stderr[-300:]))
+    spill = r.stderr[-300:] if r.returncode != 0 or (m and int(m.group(1)) > 0) else None
+    return ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, "prmt.b32" in ptx,
+            ptx.count("ld.global"), spill)
+
+
+with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+    results = pool.map(check, range(len(cases)), chunksize=1)
+spilled = []
+pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
+prmt_marks = []
+loads = {}
+for (kern, sig, consts, warps), (pdl_marked, prmt, n_loads, spill) in zip(cases, results):
+    if "PDL" in consts:
+        pdl_marks.append((consts["PDL"], pdl_marked))
+    if consts.get("NF4_DECODE") is not None:  # NF4 by byte permutes: prmt in the PTX, nowhere else
+        prmt_marks.append((consts["NF4_DECODE"] == 2, prmt))
+    if consts.get("PREFETCH") is not None:  # global load sites, to compare each PREFETCH twin
+        twin = tuple(sorted((a, v) for a, v in consts.items() if a != "PREFETCH")) + (kern.fn.__name__,)
+        loads[twin, consts["PREFETCH"]] = n_loads
+    if spill is not None:
+        spilled.append((kern.fn.__name__, consts, spill))
 print(len(cases), "compiled;", spilled)
 assert not spilled, spilled
 assert sum(p for p, _ in pdl_marks) == 8 and all(p == marked for p, marked in pdl_marks), pdl_marks
@@ -504,8 +526,9 @@ assert len(pre) == 32 and all(n > base for _, n, base in pre), pre
 
 
 def test_gemv_kernels_compile_for_hopper_without_spills(tmp_path) -> None:
-    """Every one-row kernel config compiles for sm_90 (Triton's own compiler and ptxas, no GPU
-    needed) with no register spills; skipped without triton."""
+    """The decode kernels' configs compile for sm_90 (Triton's own compiler and ptxas, no GPU
+    needed) with no register spills: every one-row config, the few-row kernels' as the script
+    says; skipped without triton."""
     run_triton_script(_COMPILE_SCRIPT, tmp_path, interpret=False)
 
 
@@ -673,14 +696,19 @@ def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
 
 
 _MMA_SCRIPT = r'''
+import multiprocessing, os
 import torch
 from llmopt.quant import primitives as P
 from llmopt.quant.primitives import nf4_codebook
 from llmopt.quant.kernels import reference as ref
 from llmopt.quant.kernels import triton_int4_mma as T
 
+torch.set_num_threads(1)  # no OpenMP team before the fork below
 torch.manual_seed(0)
-worst = {}
+cases, jobs = [], []
+# NF4 differs from int4 only in the byte decode: each case runs it on two tiles, those not yet
+# run as NF4 first
+nf4_pending = list(T.TILES)
 # a ragged N and a K of odd chunk counts (K = 640 is 5 chunks: tiles of 2 and 4 chunks run past it)
 for n, k, group in [(96, 256, 128), (64, 384, 32), (128, 512, 64), (40, 640, 128), (64, 256, 256)]:
     w = torch.randn(n, k) * 0.02
@@ -701,28 +729,41 @@ for n, k, group in [(96, 256, 128), (64, 384, 32), (128, 512, 64), (40, 640, 128
             continue
         cap, cols = planned
         x = torch.randn(m, k, dtype=torch.float16)  # the interpreter's dot takes float16, not bfloat16
-        expect = x.double() @ deq.t()
-        expect_nf4 = x.double() @ deq_nf4.t()
-        for bn, ch, sn, warps, stages in T.TILES:
-            if ch > cap:
-                continue
-            for nf4 in (False, True):
-                out = torch.zeros(m, n)
-                T._int4_mma[(-(-k // (T.CHUNK * ch)), sn)](
-                    x, packed, st if not nf4 else ast_, zt, lut, out, m, n, k, st.shape[1], k,
-                    GROUP=group, BLOCK_N=bn, CHUNKS=ch, SPLIT_N=sn, COLS=cols, NF4=nf4)
-                want = expect_nf4 if nf4 else expect
-                err = ((out.double() - want).norm() / want.norm()).item()
-                worst[n, k, group, m, nf4] = max(err, worst.get((n, k, group, m, nf4), 0.0))
+        cases.append((n, k, group, m, cols, x, packed, st, ast_, zt, lut, x.double() @ deq.t(),
+                      x.double() @ deq_nf4.t()))
+        fitting = [t for t in T.TILES if t[1] <= cap]
+        as_nf4 = ([t for t in nf4_pending if t in fitting] + fitting)[:2]
+        nf4_pending = [t for t in nf4_pending if t not in as_nf4]
+        jobs += [(len(cases) - 1, tile, nf4) for tile in fitting
+                 for nf4 in ((False, True) if tile in as_nf4 else (False,))]
+
+
+def run(job):  # one tile on one case, int4 or NF4: its key and relative error
+    c, (bn, ch, sn, warps, stages), nf4 = job
+    n, k, group, m, cols, x, packed, st, ast_, zt, lut, expect, expect_nf4 = cases[c]
+    out = torch.zeros(m, n)
+    T._int4_mma[(-(-k // (T.CHUNK * ch)), sn)](
+        x, packed, st if not nf4 else ast_, zt, lut, out, m, n, k, st.shape[1], k,
+        GROUP=group, BLOCK_N=bn, CHUNKS=ch, SPLIT_N=sn, COLS=cols, NF4=nf4)
+    want = expect_nf4 if nf4 else expect
+    return (n, k, group, m, nf4), ((out.double() - want).norm() / want.norm()).item()
+
+
+with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+    results = pool.map(run, jobs, chunksize=1)
+worst = {}
+for key, err in results:
+    worst[key] = max(err, worst.get(key, 0.0))
 print(worst)
 assert len(worst) == 18 and all(e < 1e-3 for e in worst.values()), worst
+assert not nf4_pending, nf4_pending  # NF4 too ran on every tile
 '''
 
 
 def test_int4_mma_kernel_every_tile_under_the_interpreter(tmp_path) -> None:
-    """The tensor-core kernel (``triton_int4_mma``) against float64 dequantise-matmul, as int4 and
-    as NF4: every tile, 1, 8 and 16 rows, groups of 32 to 256, a ragged N and K; skipped without
-    triton."""
+    """The tensor-core kernel (``triton_int4_mma``) against float64 dequantise-matmul, as int4
+    (every tile in every case) and as NF4 (every tile in some case): 1, 8 and 16 rows, groups of
+    32 to 256, a ragged N and K; skipped without triton."""
     run_triton_script(_MMA_SCRIPT, tmp_path, interpret=True)
 
 
@@ -824,6 +865,29 @@ def test_int4_module_takes_the_mma_kernel_for_batched_decode() -> None:
     assert lin32.mma_weight is None and lin32.tg_weight is not None
 
 
+def test_wo_batch_copy_keeps_auto_off_the_tensor_core_kernel() -> None:
+    """The rows from which ``auto`` takes the tensor-core kernel (int4 g128, g64, g32; NF4
+    blocks of 64, 32), by default and with LLMOPT_WO_BATCH_COPY=0, which holds no copy for it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from llmopt.quant import kernels as k; "
+            "print(k.mma_min_rows(128), k.mma_min_rows(64), k.mma_min_rows(32), "
+            "k.mma_min_rows(64, 'nf4'), k.mma_min_rows(32, 'nf4'))")
+
+    def rows(**env: str) -> str:
+        base = {n: v for n, v in os.environ.items() if n not in ("LLMOPT_WO_KERNEL", "LLMOPT_WO_BATCH_COPY")}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**base, **env})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert rows() == ["4", "8", "0", "2", "0"]
+    assert rows(LLMOPT_WO_BATCH_COPY="0") == ["0"] * 5
+    assert rows(LLMOPT_WO_KERNEL="mma", LLMOPT_WO_BATCH_COPY="0") == ["1"] * 5
+
+
 @pytest.mark.gpu
 def test_nf4_module_takes_the_mma_kernel_from_two_rows() -> None:
     """NF4Linear (blocks of 64) on CUDA holds the tensor-core layout and sends 2 to 16 rows
@@ -858,7 +922,7 @@ def test_nf4_module_takes_the_mma_kernel_from_two_rows() -> None:
 
 
 _MMA_COMPILE_SCRIPT = r'''
-import itertools, re, subprocess, tempfile
+import itertools, multiprocessing, os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -873,7 +937,7 @@ sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "lu
        "SPLIT_N": C, "COLS": C, "NF4": C}
 hinted = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm")
 attrs = {(T._int4_mma.arg_names.index(a),): [["tt.divisibility", 16]] for a in hinted}
-done, spilled, no_asm = set(), [], []
+done, jobs = set(), []
 for group in (32, 64, 128):
     for m in (1, 4, 8, 16):
         planned = T.plan(m, group)
@@ -885,19 +949,27 @@ for group in (32, 64, 128):
             if ch > cap or key in done or (nf4 and group != 64):  # NF4: blocks of 64
                 continue
             done.add(key)
-            consts = {"GROUP": group, "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_N": sn, "COLS": cols, "NF4": nf4}
-            k = triton.compile(ASTSource(fn=T._int4_mma, signature=sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-            ptx = k.asm["ptx"]
-            if ("prmt.b32" if nf4 else "lop3.b32") not in ptx or "wgmma" not in ptx:  # PTX decode, tensor cores
-                no_asm.append(key)
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ptx)
-            r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                               capture_output=True, text=True)
-            s = re.search(r"(\d+) bytes spill stores", r.stderr)
-            if r.returncode != 0 or (s and int(s.group(1)) > 0):
-                spilled.append((key, r.stderr[-300:]))
+            jobs.append((key, sn))
+
+
+def check(job):  # compile one tile for sm_90: (no PTX decode or no wgmma, ptxas's spill report)
+    (group, cols, bn, ch, warps, stages, nf4), sn = job
+    consts = {"GROUP": group, "BLOCK_N": bn, "CHUNKS": ch, "SPLIT_N": sn, "COLS": cols, "NF4": nf4}
+    k = triton.compile(ASTSource(fn=T._int4_mma, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = k.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
+    s = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return (("prmt.b32" if nf4 else "lop3.b32") not in ptx or "wgmma" not in ptx,  # PTX decode, tensor cores
+            r.stderr[-300:] if r.returncode != 0 or (s and int(s.group(1)) > 0) else None)
+
+
+with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+    results = pool.map(check, jobs, chunksize=1)
+no_asm = [key for (key, _), (bad, _) in zip(jobs, results) if bad]
+spilled = [(key, spill) for (key, _), (_, spill) in zip(jobs, results) if spill is not None]
 print(len(done), "compiled;", spilled, no_asm)
 assert len(done) >= 20 and not spilled and not no_asm, (spilled, no_asm)
 '''

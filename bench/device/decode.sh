@@ -126,7 +126,7 @@ for r in "$@"; do
         l2-7b_nf4_prmt) LLMOPT_NF4_DECODE=prmt run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_gemv1) LLMOPT_GEMV_ONE_ROW=deferred run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
         wo_kernels) timeout ${WO_S:-300} python3 bench/device/wo_kernels.py --out "$OUT/wo_kernels.json" --rows ${WO_ROWS:-1 8} 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
-        mma_tests) timeout ${TEST_S:-150} python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "mma" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
+        mma_tests) timeout ${TEST_S:-240} python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "mma" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         int4_mma) timeout ${WO_S:-300} python3 bench/device/int4_mma.py --out "$OUT/int4_mma.json" --rows ${WO_ROWS:-1 2 8 16} --groups ${WO_GROUPS:-128 32} ${WO_NF4:+--nf4} 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
         gemv_tests) timeout 200 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "gemv" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         nf4_tests) timeout 150 python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "nf4" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;

@@ -146,12 +146,18 @@ _MMA_MIN_ROWS_AUTO = {128: 4, 64: 8}
 _MMA_MIN_ROWS_AUTO_NF4 = 2
 
 
+# LLMOPT_WO_BATCH_COPY=0 keeps ``auto`` off the tensor-core kernel, so that 4-bit modules hold
+# no second copy of their codes on the GPU (7B: 3.4 GB; NF4 then weighs 7.3 GB at batch 8
+# instead of 10.7): batch-1 decode runs the same kernels either way, batched decode slower.
+_BATCH_COPY = env_choice("LLMOPT_WO_BATCH_COPY", "1", ("1", "0")) == "1"
+
+
 def mma_min_rows(group_size: int, fmt: str = "int4") -> int:
     """The fewest rows sent to the tensor-core kernel for this format ("int4" or "nf4") and
     group size (0: none)."""
     if _CHOICE == "mma":
         return 1
-    if _CHOICE != "auto":
+    if _CHOICE != "auto" or not _BATCH_COPY:
         return 0
     if fmt == "nf4":
         return _MMA_MIN_ROWS_AUTO_NF4 if group_size >= 64 else 0
