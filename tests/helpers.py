@@ -114,3 +114,35 @@ def run_triton_script(script: str, tmp_path: Path, interpret: bool) -> None:
     r = subprocess.run([sys.executable, str(path), str(here)], capture_output=True,
                        text=True, timeout=900, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+
+
+def map_on_every_core(fn: Any, items: list[Any]) -> list[Any]:
+    """``fn`` over ``items``, in order, in forked workers (one per core, at most 4): for the Triton
+    scripts that ``run_triton_script`` runs, whose compiles and interpreted launches are
+    independent. A script calls ``torch.set_num_threads(1)`` before any tensor work, so that no
+    OpenMP team exists across the fork."""
+    import multiprocessing
+    import os
+
+    with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
+def ptxas_spills(ptx: str) -> str | None:
+    """The end of ptxas's report when this PTX fails to assemble for sm_90a or spills registers;
+    None when it assembles without spills."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90)
+    ptxas = getattr(ptxas, "path", ptxas)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
+                           capture_output=True, text=True)
+    m = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return r.stderr[-300:] if r.returncode != 0 or (m and int(m.group(1)) > 0) else None

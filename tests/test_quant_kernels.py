@@ -355,8 +355,9 @@ def test_triton_kernel_every_config_under_the_interpreter(tmp_path) -> None:
 
 
 _ONE_ROW_SCRIPT = r'''
-import multiprocessing, os, sys, torch, triton
+import sys, torch, triton
 from llmopt.quant.kernels import triton_wo as T
+from tests.helpers import map_on_every_core
 sys.path.insert(0, sys.argv[1])
 from test_quant_kernels import _dequant, _formats, _gemv_args, _in_dtype
 
@@ -410,8 +411,7 @@ def run(i):  # one kernel launch under the interpreter: its name and relative er
     return name, ((out.double() - expect[0]).norm() / expect.norm()).item()
 
 
-with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
-    results = pool.map(run, range(len(jobs)), chunksize=1)
+results = map_on_every_core(run, range(len(jobs)))
 worst = {}
 for name, err in results:
     worst[name] = max(worst.get(name, 0.0), err)
@@ -428,15 +428,12 @@ def test_one_row_kernels_every_config_under_the_interpreter(tmp_path) -> None:
 
 
 _COMPILE_SCRIPT = r'''
-import multiprocessing, os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from llmopt.quant.kernels import triton_wo as T
+from tests.helpers import map_on_every_core, ptxas_spills
 
-ptxas = get_ptxas(90)
-ptxas = getattr(ptxas, "path", ptxas)
 C = "constexpr"
 common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "FMT": C, "GROUP": C, "BLOCK_M": C,
           "BLOCK_N": C, "BLOCK_K": C}
@@ -503,17 +500,11 @@ def check(i):  # compile case i for sm_90; its PTX's marks and ptxas's spill rep
     k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = k.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
-    m = re.search(r"(\d+) bytes spill stores", r.stderr)
-    spill = r.stderr[-300:] if r.returncode != 0 or (m and int(m.group(1)) > 0) else None
     return ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, "prmt.b32" in ptx,
-            ptx.count("ld.global"), spill)
+            ptx.count("ld.global"), ptxas_spills(ptx))
 
 
-with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
-    results = pool.map(check, range(len(cases)), chunksize=1)
+results = map_on_every_core(check, range(len(cases)))
 spilled = []
 pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
 prmt_marks = []
@@ -710,12 +701,12 @@ def test_pdl_one_row_op_leaves_the_packed_formats_cast_to_the_graph() -> None:
 
 
 _MMA_SCRIPT = r'''
-import multiprocessing, os
 import torch
 from llmopt.quant import primitives as P
 from llmopt.quant.primitives import nf4_codebook
 from llmopt.quant.kernels import reference as ref
 from llmopt.quant.kernels import triton_int4_mma as T
+from tests.helpers import map_on_every_core
 
 torch.set_num_threads(1)  # no OpenMP team before the fork below
 torch.manual_seed(0)
@@ -763,8 +754,7 @@ def run(job):  # one tile on one case, int4 or NF4: its key and relative error
     return (n, k, group, m, nf4), ((out.double() - want).norm() / want.norm()).item()
 
 
-with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
-    results = pool.map(run, jobs, chunksize=1)
+results = map_on_every_core(run, jobs)
 worst = {}
 for key, err in results:
     worst[key] = max(err, worst.get(key, 0.0))
@@ -890,7 +880,7 @@ def test_wo_batch_copy_keeps_auto_off_the_tensor_core_kernel() -> None:
             "print(k.mma_min_rows(128), k.mma_min_rows(64), k.mma_min_rows(32), "
             "k.mma_min_rows(64, 'nf4'), k.mma_min_rows(32, 'nf4'))")
 
-    def rows(**env: str) -> str:
+    def rows(**env: str) -> list[str]:
         base = {n: v for n, v in os.environ.items() if n not in ("LLMOPT_WO_KERNEL", "LLMOPT_WO_BATCH_COPY")}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**base, **env})
@@ -936,15 +926,13 @@ def test_nf4_module_takes_the_mma_kernel_from_two_rows() -> None:
 
 
 _MMA_COMPILE_SCRIPT = r'''
-import itertools, multiprocessing, os, re, subprocess, tempfile
+import itertools
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from llmopt.quant.kernels import triton_int4_mma as T
+from tests.helpers import map_on_every_core, ptxas_spills
 
-ptxas = get_ptxas(90)
-ptxas = getattr(ptxas, "path", ptxas)
 C = "constexpr"
 sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32", "out_ptr": "*fp32",
        "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32", "GROUP": C, "BLOCK_N": C, "CHUNKS": C,
@@ -972,16 +960,11 @@ def check(job):  # compile one tile for sm_90: (no PTX decode or no wgmma, ptxas
     k = triton.compile(ASTSource(fn=T._int4_mma, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = k.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"], capture_output=True, text=True)
-    s = re.search(r"(\d+) bytes spill stores", r.stderr)
     return (("prmt.b32" if nf4 else "lop3.b32") not in ptx or "wgmma" not in ptx,  # PTX decode, tensor cores
-            r.stderr[-300:] if r.returncode != 0 or (s and int(s.group(1)) > 0) else None)
+            ptxas_spills(ptx))
 
 
-with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
-    results = pool.map(check, jobs, chunksize=1)
+results = map_on_every_core(check, jobs)
 no_asm = [key for (key, _), (bad, _) in zip(jobs, results) if bad]
 spilled = [(key, spill) for (key, _), (_, spill) in zip(jobs, results) if spill is not None]
 print(len(done), "compiled;", spilled, no_asm)

@@ -137,13 +137,13 @@ def use_tinygemm_for(x: torch.Tensor) -> bool:
 # TB/s against 0.67-0.80) and sixteen (0.81-0.96 against 0.40-0.51); g64 lost at four (97.0 us
 # against 88.6) and won at eight (121.1 against 141.1); at g32 eight rows' columns leave it
 # one-chunk tiles, with which it tied or lost (0.55-0.92 TB/s against 0.71-0.88).
-_MMA_MIN_ROWS_AUTO = {128: 4, 64: 8}
 # NF4 (blocks of 64 and more) from two rows: its one-row kernel covers a single row only, and more
 # rows otherwise take the tiled dequantise-and-dot kernel. At 8 rows that kernel streamed 0.18-0.21
 # TB/s against 0.68-1.14 for the tensor-core one, and 7B decoded 55.1 tok/s per sequence against
 # 235.1 (bench/results/decode/h200_s17a); at one row the two tie (0.76-1.38 TB/s against
 # 0.80-1.44), so the one-row kernel keeps it.
-_MMA_MIN_ROWS_AUTO_NF4 = 2
+# Per format, group size -> rows; a group size takes the entry of the largest size it reaches.
+_MMA_MIN_ROWS_AUTO = {"int4": {128: 4, 64: 8}, "nf4": {64: 2}}
 
 
 # LLMOPT_WO_BATCH_COPY=0 keeps ``auto`` off the tensor-core kernel, so that 4-bit modules hold
@@ -159,9 +159,8 @@ def mma_min_rows(group_size: int, fmt: str = "int4") -> int:
         return 1
     if _CHOICE != "auto" or not _BATCH_COPY:
         return 0
-    if fmt == "nf4":
-        return _MMA_MIN_ROWS_AUTO_NF4 if group_size >= 64 else 0
-    return _MMA_MIN_ROWS_AUTO[128] if group_size >= 128 else _MMA_MIN_ROWS_AUTO.get(group_size, 0)
+    reached = [g for g in _MMA_MIN_ROWS_AUTO[fmt] if g <= group_size]
+    return _MMA_MIN_ROWS_AUTO[fmt][max(reached)] if reached else 0
 
 
 MMA_CHUNK = 128  # k per chunk of the tensor-core layout: its bytes hold 64 low and 64 high codes
