@@ -257,3 +257,50 @@ def test_regional_compiled_speculation_keeps_greedy_equal(tmp_path, monkeypatch)
         out = SpeculativeGenerator(model, None, CPU, drafter, cfg).generate([prompt], GREEDY)[0]
         assert out.token_ids == ref, drafter.name
         assert model.model.layers[0]._compiled_call_impl is None
+
+
+def test_warm_up_compiles_what_the_compared_run_uses(tmp_path, monkeypatch) -> None:
+    """``warm_up`` on 3 tokens fixes the cache at the full run's size (over one CACHE_ROUND here)
+    and compiles the plain generator that ``compare_plain`` times: the measured runs then compile
+    nothing, the plain one is the compiled generator, and both emit the same greedy tokens."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    model = random_model(preset_config("tiny").replace(num_layers=2), CPU, torch.float32, seed=0)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    params = SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True)
+    cfg = SpeculativeConfig(k=3, compile=True, compile_mode="regional", compare_plain=True)
+    gen = SpeculativeGenerator(model, None, CPU, NgramDrafter(), cfg)
+    gen.warm_up([prompt], params.max_new_tokens)
+    seq_len, frames = model.max_seq_len, counters["stats"]["unique_graphs"]
+    assert seq_len >= len(prompt) + 300 + 4 and gen.plain_generator().compiled
+    out = gen.generate([prompt], params)[0]
+    assert counters["stats"]["unique_graphs"] == frames  # no compile inside the timed runs
+    assert model.max_seq_len == seq_len
+    assert out.extra["speculative"]["same_tokens_as_plain"] is True
+    assert out.extra["speculative"]["plain_decode_tokens_per_s"] > 0
+
+
+def test_cli_bench_draft_on_copied_text(default_model_dir: str, tmp_path, monkeypatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench --draft ngram --prompt-file``: a prompt whose answer copies a passage it holds is
+    drafted from that passage (several tokens per target step), greedy tokens equal plain
+    decoding's in every run, and the JSON holds both speeds and the speedup."""
+    from importlib.resources import files
+
+    from llmopt.cli.main import main
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    lines = (files("llmopt.data") / "prideprejudice.txt").read_text(encoding="utf-8").splitlines()
+    passage = "\n".join(lines[9:24])
+    prompt = tmp_path / "copy.txt"
+    prompt.write_text(f"{passage}\n\n---\n\n{lines[9]}", encoding="utf-8")
+    out = tmp_path / "spec.json"
+    assert main(["bench", "--model", default_model_dir, "--device", "cpu", "--draft", "ngram",
+                 "--prompt-file", str(prompt), "--new-tokens", "24", "--runs", "3", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    assert "speedup" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["same_tokens_as_plain"] is True and len(r["runs"]) == 3
+    assert r["speculative"]["mean_tokens_per_step"] > 1.5
+    assert r["speedup"] == pytest.approx(r["speculative_decode_tokens_per_s"] / r["plain_decode_tokens_per_s"])

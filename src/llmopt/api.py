@@ -66,6 +66,13 @@ class LLM:
             return self.tokenizer.encode_chat(messages)
         return self.tokenizer.encode(prompt)
 
+    def warm_up(self, prompt: str | list[int], max_new_tokens: int, chat: bool = False,
+                system: str | None = None) -> None:
+        """Compile on a few tokens what generating ``max_new_tokens`` after ``prompt`` will run
+        (its cache size included), so that run shows compiled speed. Eager generators just run."""
+        ids = self.encode(prompt, chat=chat, system=system) if isinstance(prompt, str) else list(prompt)
+        self.generator.warm_up([ids], max_new_tokens)
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from llmopt.cli.common import add_model_args
+from llmopt.cli.common import add_model_args, add_speculative_args
 
 T_PROCESS_START = time.perf_counter()
 
@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "kernel instead of the compiler's: 'out', each layer's o_proj and down_proj "
                         "(the default on one Hopper GPU, measured faster), 'all' (a bare --dense-gemv), "
                         "or 'none'")
+    add_speculative_args(p, compare=False)
+    p.add_argument("--prompt-file", default=None, metavar="FILE",
+                   help="with --draft: the prompt is this text file (a real model's tokens; it then "
+                        "stops at end-of-sequence like generate), instead of --prompt-len random tokens")
+    p.add_argument("--chat", action="store_true", help="with --prompt-file: as a chat turn (the chat template)")
     p.add_argument("--json", dest="json_path", default=None, help="write the result to this file")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace to this directory")
 
@@ -49,6 +54,21 @@ def run(args: argparse.Namespace) -> int:
     from llmopt.parallel import maybe_launch
 
     tp_n = getattr(args, "tp", 1)
+    if args.draft is None and (args.prompt_file or args.chat):
+        raise UserError("--prompt-file and --chat need --draft (decode speed does not depend on the prompt's text)")
+    if args.chat and not args.prompt_file:
+        raise UserError("--chat needs --prompt-file")
+    if args.draft is not None:
+        for bad, name in ((tp_n > 1, "--tp"), (args.profile, "--profile"), (args.compile_prefill, "--compile-prefill")):
+            if bad:
+                raise UserError(f"{name} does not apply with --draft")
+        text = None
+        if args.prompt_file:
+            try:
+                text = Path(args.prompt_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+        return _run_draft(args, cfg, text)
     rc = maybe_launch(args)
     if rc is not None:  # this process started the --tp ranks; they have finished
         return rc
@@ -104,4 +124,33 @@ def run(args: argparse.Namespace) -> int:
             out["wo_kernel"] = gpu_kernel_choice()
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def _run_draft(args: argparse.Namespace, cfg: object, text: str | None) -> int:
+    """``bench --draft``: speculative against plain decoding (llmopt.bench.speculative)."""
+    import sys
+
+    from llmopt.attention.base import resolve_backend_name
+    from llmopt.bench.latency import settings_env
+    from llmopt.bench.speculative import bench_prompt, format_speculative, run_speculative_bench
+    from llmopt.loading.loader import load_model
+    from llmopt.speculative import parse_draft_spec
+
+    parse_draft_spec(args.draft)  # a bad spec fails before the model loads
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
+    lm.model.set_attention_backend(resolve_backend_name(args.attention, lm.device))
+    prompt = bench_prompt(cfg, lm.config.vocab_size, lm.tokenizer, text, args.chat)  # type: ignore[arg-type]
+    result = {"model": args.model, "random_weights": lm.random_weights, "quant": args.quant,
+              "prompt_file": args.prompt_file, "chat": args.chat}
+    result.update(run_speculative_bench(
+        lm.model, lm.tokenizer, lm.device, cfg, prompt, draft=args.draft, k=args.speculate_k,  # type: ignore[arg-type]
+        adaptive=not args.fixed_k, compile=args.compile, compile_mode=args.compile_mode,
+        stop_at_eos=text is not None, fuse_projections=args.fuse_projections, dense_gemv=args.dense_gemv))
+    print(format_speculative(result))
+    if args.json_path:
+        result["command"] = "llmopt " + " ".join(sys.argv[1:])
+        result["env"] = settings_env()
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
     return 0

@@ -53,15 +53,17 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def add_speculative_args(p: argparse.ArgumentParser) -> None:
+def add_speculative_args(p: argparse.ArgumentParser, compare: bool = True) -> None:
+    """``compare``: offer --speculate-compare (bench always compares)."""
     from llmopt.speculative.build import DRAFT_HELP
 
     p.add_argument("--draft", default=None, help=DRAFT_HELP)
     p.add_argument("--speculate-k", type=int, default=4,
                    help="most tokens drafted per step (default 4; adapts unless --fixed-k)")
     p.add_argument("--fixed-k", action="store_true", help="always draft --speculate-k tokens")
-    p.add_argument("--speculate-compare", action="store_true",
-                   help="also decode without speculation and report the speedup")
+    if compare:
+        p.add_argument("--speculate-compare", action="store_true",
+                       help="also decode without speculation and report the speedup")
 
 
 def progress_enabled() -> bool:

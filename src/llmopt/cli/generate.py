@@ -78,22 +78,22 @@ def run(args: argparse.Namespace) -> int:
         from llmopt.speculative import SpeculativeGenerator, build_drafter
 
         drafter = build_drafter(draft_spec, llm.model, llm.tokenizer)
-        llm.generator = SpeculativeGenerator(llm.model, llm.tokenizer, llm.device, drafter, spec_config)
+        # compared against the generator it replaces: the same model, compiled the same way
+        llm.generator = SpeculativeGenerator(llm.model, llm.tokenizer, llm.device, drafter, spec_config,
+                                             plain=llm.generator)
 
     if args.compile:
-        # Compile on a 3-token warm-up, so the streamed run and its stats are the compiled speed
-        # (gpt-fast does the same). On GPU the inductor cache shortens it in later processes; on
-        # CPU, freezing bypasses that cache (torch 2.13), so each process compiles (~35 s, 2 cores).
+        # Compile on a short warm-up with the real run's cache size, so the streamed run and its
+        # stats are the compiled speed (gpt-fast warms up too). On GPU the inductor cache shortens
+        # it in later processes; on CPU, freezing bypasses that cache (torch 2.13), so each
+        # process compiles (~35 s, 2 cores).
         import time
-
-        from llmopt.sampling import SamplingParams
 
         if is_main:
             print("compiling the decode step on a short warm-up run...",
                   file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        llm.generate([prompt], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
-                     chat=args.chat, system=args.system)
+        llm.warm_up(prompt, params.max_new_tokens, chat=args.chat, system=args.system)
         if is_main:
             print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 

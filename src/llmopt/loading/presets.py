@@ -25,6 +25,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
                    "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768,
                    "rope_theta": 10000.0, "sliding_window": 4096, "bos_token_id": 1, "eos_token_id": 2},
+    # The default model's shape (SmolLM2-135M), for GPU measurements of what its size costs
+    # (launch-bound steps) where its weights cannot travel.
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+                     "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+                     "rope_theta": 100000.0, "tie_word_embeddings": True, "bos_token_id": 1,
+                     "eos_token_id": 2},
     # Small shapes for CPU tests and smoke runs.
     "tiny": {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -130,7 +130,9 @@ class SpeculativeConfig:
 class SpeculativeGenerator(Generator):
     """Drop-in for ``Generator`` (same ``generate`` signature and outputs) that speculates.
 
-    ``RequestOutput.extra["speculative"]`` holds the ``SpeculativeStats`` dict.
+    ``RequestOutput.extra["speculative"]`` holds the ``SpeculativeStats`` dict. With
+    ``compare_plain``, ``plain`` (default: a ``Generator`` of the model compiled as this one is)
+    decodes each prompt first, on the same KV cache, for the speedup.
     """
 
     def __init__(
@@ -140,12 +142,14 @@ class SpeculativeGenerator(Generator):
         device: torch.device,
         drafter: Drafter,
         config: SpeculativeConfig | None = None,
+        plain: Generator | None = None,
     ) -> None:
         super().__init__(model, tokenizer, device)
         self.drafter = drafter
         self.spec = config or SpeculativeConfig()
         self.last_stats: SpeculativeStats | None = None
         self._verify_graph = None
+        self._plain = plain
         if self.spec.compile:
             from llmopt.engine.compile import compile_step, resolve_compile_mode
 
@@ -157,6 +161,30 @@ class SpeculativeGenerator(Generator):
             enable = getattr(drafter, "enable_compile", None)
             if callable(enable):
                 enable(mode)
+
+    def plain_generator(self) -> Generator:
+        """What ``compare_plain`` measures against: the same settings without speculation."""
+        if self._plain is None:
+            self._plain = Generator(self.model, self.tokenizer, self.device, compile=self.spec.compile,
+                                    compile_mode=self.spec.compile_mode, max_seq_len=self.spec.max_seq_len)
+        return self._plain
+
+    def cache_positions(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        # room for a full-width verify at the last position (compiled steps keep one width)
+        return super().cache_positions(prompts, max_new_tokens) + self.spec.k + 1
+
+    def warm_up(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        super().warm_up(prompts, max_new_tokens)  # with compare_plain, the plain generator's too
+        if self._verify_graph is None:
+            return
+        # Both verify widths (1: nothing drafted; k+1), which a short run need not reach (a
+        # drafter may find nothing to propose in it). They write keys and values at positions
+        # 0..k of dummy tokens, which the next prefill overwrites.
+        with torch.inference_mode():
+            for width in (1, self.spec.k + 1):
+                tokens = torch.zeros(1, width, dtype=torch.long, device=self.device)
+                positions = torch.arange(width, device=self.device)[None]
+                self._verify_forward(tokens, positions, width)
 
     def _verify_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # tokens, positions: [1, T]; reads the whole static cache (masked by position)
@@ -191,7 +219,11 @@ class SpeculativeGenerator(Generator):
             raise UserError("speculative decoding does not support --repetition-penalty; drop --draft")
         plain = None
         if self.spec.compare_plain:
-            plain = Generator(self.model, self.tokenizer, self.device).generate(prompts, params)[0]
+            gen = self.plain_generator()
+            # this generator's cache size for both (at least this run's): neither's graphs are
+            # then re-specialised or dropped
+            gen.reserve(1, max(self.cache_positions(prompts, params.max_new_tokens), self.fixed_seq_len or 0))
+            plain = gen.generate(prompts, params)[0]
             assert plain.stats is not None
         out = self._generate_one(prompts[0], params, stream)
         assert self.last_stats is not None
@@ -210,8 +242,7 @@ class SpeculativeGenerator(Generator):
         total = self._check_lengths([prompt], params.max_new_tokens)
         length = len(prompt)
         max_new = min(params.max_new_tokens, total - length)
-        # Room for a full-width verify at the last position (compiled steps keep one width).
-        self._ensure_cache(1, total + self.spec.k + 1)
+        self._ensure_cache(1, self.cache_positions([prompt], params.max_new_tokens))
         cache_len = self.model.max_seq_len
         dev = self.device
         eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
