@@ -74,6 +74,20 @@ def test_bad_options(capsys, args: list[str], needle: str) -> None:
     assert_one_line_error(rc, err, needle)
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--draft", "ngram", "--batch-size", "2"], "batch size 1"),
+    (["--draft", "ngram", "--prompt-file", "/no/such/file"], "cannot read --prompt-file"),
+    (["--draft", "ngram", "--prompt-file", __file__], "tokenizer"),  # a preset has none
+    (["--draft", "ngram", "--chat"], "--chat needs --prompt-file"),
+    (["--draft", "ngram", "--tp", "2"], "--tp does not apply"),
+    (["--draft", "nope:3"], "'nope:3' not found"),  # a draft model that is not there
+    (["--prompt-file", __file__], "need --draft"),
+])
+def test_bench_draft_bad_options(capsys, args: list[str], needle: str) -> None:
+    rc, _, err = run_cli(capsys, "bench", "--model", "preset:tiny", "--device", "cpu", "--new-tokens", "4", *args)
+    assert_one_line_error(rc, err, needle)
+
+
 def test_cuda_absent(capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
