@@ -57,7 +57,9 @@ def add_speculative_args(p: argparse.ArgumentParser, compare: bool = True) -> No
     """``compare``: offer --speculate-compare (bench always compares)."""
     from llmopt.speculative.build import DRAFT_HELP
 
-    p.add_argument("--draft", default=None, help=DRAFT_HELP)
+    p.add_argument("--draft", default=None, help=DRAFT_HELP + ("" if compare else (
+        "; bench then times plain and speculative decoding in turn (batch 1, greedy) and "
+        "reports the speedup")))
     p.add_argument("--speculate-k", type=int, default=4,
                    help="most tokens drafted per step (default 4; adapts unless --fixed-k)")
     p.add_argument("--fixed-k", action="store_true", help="always draft --speculate-k tokens")
