@@ -19,6 +19,7 @@ import cProfile
 import io
 import json
 import pstats
+import statistics
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def main() -> int:
             assert o.stats is not None
             rates.append(o.stats.decode_tokens_per_s)
             ref = o.token_ids
-        plain_tps = sorted(rates[1:])[len(rates[1:]) // 2]
+        plain_tps = statistics.median(rates[1:])  # the first run is one more warm-up
         cases["plain"] = {"tokens_per_s": round(plain_tps, 1), "ms_per_step": round(1000 / plain_tps, 3)}
         print(f"plain: {plain_tps:.1f} tok/s", flush=True)
         gens = {}
@@ -83,7 +84,7 @@ def main() -> int:
                 rates.append(o.stats.decode_tokens_per_s)
                 s = gen.last_stats
                 equal = o.token_ids == ref
-            tps = sorted(rates[1:])[len(rates[1:]) // 2]
+            tps = statistics.median(rates[1:])
             assert s is not None
             tokens_per_step = s.mean_tokens_per_step
             cases[name] = {"tokens_per_s": round(tps, 1), "speedup": round(tps / plain_tps, 3),

@@ -143,6 +143,12 @@ def versions(device: torch.device) -> dict[str, str]:
     return v
 
 
+def random_prompts(cfg: BenchConfig, vocab_size: int) -> list[list[int]]:
+    """``cfg.batch_size`` prompts of ``cfg.prompt_len`` token ids, seeded by ``cfg.seed``."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randint(3, vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()
+
+
 def run_latency_bench(
     model: nn.Module,
     device: torch.device,
@@ -169,8 +175,7 @@ def run_latency_bench(
     gen = Generator(model, None, device, compile=compile, compile_mode=compile_mode,
                     max_seq_len=-(-max_seq // 256) * 256, compile_prefill=compile_prefill,
                     fuse_projections=fuse_projections, dense_gemv=dense_gemv)
-    g = torch.Generator().manual_seed(cfg.seed)
-    prompts = torch.randint(3, config.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()
+    prompts = random_prompts(cfg, config.vocab_size)
     params = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=0, ignore_eos=True)
     reset_peak_memory(device)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmopt.bench.latency import BenchConfig, versions
+from llmopt.bench.latency import BenchConfig, random_prompts, versions
 from llmopt.devices import device_name, memory_stats, reset_peak_memory
 from llmopt.engine.generate import Generator
 from llmopt.errors import UserError
@@ -25,10 +25,9 @@ from llmopt.sampling import SamplingParams
 def bench_prompt(cfg: BenchConfig, vocab_size: int, tokenizer: Tokenizer | None, text: str | None,
                  chat: bool) -> list[int]:
     """The prompt's token ids: ``text`` tokenized (as a chat turn with ``chat``), else
-    ``cfg.prompt_len`` seeded random ids (as the latency bench uses)."""
+    the latency bench's seeded random ids (``cfg.batch_size`` is 1 here)."""
     if text is None:
-        g = torch.Generator().manual_seed(cfg.seed)
-        return torch.randint(3, vocab_size, (cfg.prompt_len,), generator=g).tolist()
+        return random_prompts(cfg, vocab_size)[0]
     if tokenizer is None:
         raise UserError("--prompt-file needs a model with a tokenizer (a random-weight preset has none)")
     if not text.strip():
@@ -78,12 +77,10 @@ def run_speculative_bench(
         stats = dict(out.extra["speculative"])  # type: ignore[arg-type]
         same &= bool(stats.pop("same_tokens_as_plain", False))
         new_tokens = len(out.token_ids)
+        rates = {key: stats.pop(key) for key in ("plain_decode_tokens_per_s", "speculative_decode_tokens_per_s")}
+        stats.pop("speedup")  # the medians' ratio below replaces each run's
         if i >= cfg.warmup:
-            runs.append({"plain_decode_tokens_per_s": stats.pop("plain_decode_tokens_per_s"),
-                         "speculative_decode_tokens_per_s": stats.pop("speculative_decode_tokens_per_s")})
-    stats.pop("plain_decode_tokens_per_s", None)
-    stats.pop("speculative_decode_tokens_per_s", None)
-    stats.pop("speedup", None)
+            runs.append(rates)
     med = statistics.median
     plain_tps = med(r["plain_decode_tokens_per_s"] for r in runs)
     spec_tps = med(r["speculative_decode_tokens_per_s"] for r in runs)

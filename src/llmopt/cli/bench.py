@@ -6,8 +6,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llmopt.cli.common import add_model_args, add_speculative_args
+
+if TYPE_CHECKING:
+    from llmopt.bench.latency import BenchConfig
 
 T_PROCESS_START = time.perf_counter()
 
@@ -45,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmopt.bench.latency import BenchConfig, format_table, run_latency_bench, settings_env
+    from llmopt.bench.latency import BenchConfig, format_table, run_latency_bench
     from llmopt.loading.loader import load_model
 
     cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len,
@@ -110,29 +114,32 @@ def run(args: argparse.Namespace) -> int:
         result.extra["pdl"] = {"inductor": settings["pdl"], "llmopt": settings["kernel_pdl"]}
     print(format_table(result))
     if args.json_path:
-        out = result.as_dict()
-        import sys
-
-        out["command"] = "llmopt " + " ".join(sys.argv[1:])
-        # switches that change what runs (kernel choice, tuning) belong with the number
-        out["env"] = settings_env()
+        extra: dict[str, Any] = {}
         if settings is not None:
-            out["inductor_settings"] = settings
+            extra["inductor_settings"] = settings
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
             from llmopt.quant.kernels import gpu_kernel_choice
 
-            out["wo_kernel"] = gpu_kernel_choice()
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(out, indent=2))
+            extra["wo_kernel"] = gpu_kernel_choice()
+        _write_json(args.json_path, result.as_dict(), extra)
     return 0
 
 
-def _run_draft(args: argparse.Namespace, cfg: object, text: str | None) -> int:
-    """``bench --draft``: speculative against plain decoding (llmopt.bench.speculative)."""
+def _write_json(path: str, out: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """``out`` with the command line and the switches that change what runs (kernel choice,
+    tuning: they belong with the number), then ``extra``, as JSON at ``path``."""
     import sys
 
-    from llmopt.attention.base import resolve_backend_name
     from llmopt.bench.latency import settings_env
+
+    out = {**out, "command": "llmopt " + " ".join(sys.argv[1:]), "env": settings_env(), **(extra or {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2))
+
+
+def _run_draft(args: argparse.Namespace, cfg: BenchConfig, text: str | None) -> int:
+    """``bench --draft``: speculative against plain decoding (llmopt.bench.speculative)."""
+    from llmopt.attention.base import resolve_backend_name
     from llmopt.bench.speculative import bench_prompt, format_speculative, run_speculative_bench
     from llmopt.loading.loader import load_model
     from llmopt.speculative import parse_draft_spec
@@ -140,17 +147,14 @@ def _run_draft(args: argparse.Namespace, cfg: object, text: str | None) -> int:
     parse_draft_spec(args.draft)  # a bad spec fails before the model loads
     lm = load_model(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
     lm.model.set_attention_backend(resolve_backend_name(args.attention, lm.device))
-    prompt = bench_prompt(cfg, lm.config.vocab_size, lm.tokenizer, text, args.chat)  # type: ignore[arg-type]
+    prompt = bench_prompt(cfg, lm.config.vocab_size, lm.tokenizer, text, args.chat)
     result = {"model": args.model, "random_weights": lm.random_weights, "quant": args.quant,
               "prompt_file": args.prompt_file, "chat": args.chat}
     result.update(run_speculative_bench(
-        lm.model, lm.tokenizer, lm.device, cfg, prompt, draft=args.draft, k=args.speculate_k,  # type: ignore[arg-type]
+        lm.model, lm.tokenizer, lm.device, cfg, prompt, draft=args.draft, k=args.speculate_k,
         adaptive=not args.fixed_k, compile=args.compile, compile_mode=args.compile_mode,
         stop_at_eos=text is not None, fuse_projections=args.fuse_projections, dense_gemv=args.dense_gemv))
     print(format_speculative(result))
     if args.json_path:
-        result["command"] = "llmopt " + " ".join(sys.argv[1:])
-        result["env"] = settings_env()
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        _write_json(args.json_path, result)
     return 0

@@ -126,9 +126,9 @@ class Generator:
             raise UserError(f"prompt is {longest} tokens, longer than the model's context of {ctx}")
         return min(longest + max_new_tokens, ctx)
 
-    def cache_positions(self, prompts: list[list[int]], max_new_tokens: int) -> int:
-        """KV-cache positions a run of ``prompts`` for ``max_new_tokens`` needs."""
-        return self._check_lengths(prompts, max_new_tokens)
+    def cache_positions(self, total: int) -> int:
+        """KV-cache positions a run of ``total`` tokens (prompt and new, ``_check_lengths``) needs."""
+        return total
 
     def reserve(self, batch: int, positions: int) -> None:
         """Size the KV cache for ``batch`` rows of ``positions``. A compiled generator keeps at
@@ -139,7 +139,7 @@ class Generator:
         """Compile (and capture) on a few tokens what a run of ``max_new_tokens`` will use: the
         cache first takes that run's size, to which compiled graphs are specialised, so the
         run itself neither recompiles nor re-captures."""
-        self.reserve(len(prompts), self.cache_positions(prompts, max_new_tokens))
+        self.reserve(len(prompts), self.cache_positions(self._check_lengths(prompts, max_new_tokens)))
         self.generate(prompts, SamplingParams(max_new_tokens=min(3, max_new_tokens), temperature=0,
                                               ignore_eos=True))
 
@@ -167,7 +167,7 @@ class Generator:
         lens = [len(p) for p in prompts]
         longest = max(lens)
         max_new = min(params.max_new_tokens, total - min(lens))
-        self._ensure_cache(bsz, self.cache_positions(prompts, params.max_new_tokens))
+        self._ensure_cache(bsz, self.cache_positions(total))
         dev = self.device
         eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         if not eos and not params.ignore_eos and self.config.eos_token_ids:

@@ -169,9 +169,9 @@ class SpeculativeGenerator(Generator):
                                     compile_mode=self.spec.compile_mode, max_seq_len=self.spec.max_seq_len)
         return self._plain
 
-    def cache_positions(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+    def cache_positions(self, total: int) -> int:
         # room for a full-width verify at the last position (compiled steps keep one width)
-        return super().cache_positions(prompts, max_new_tokens) + self.spec.k + 1
+        return total + self.spec.k + 1
 
     def warm_up(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         super().warm_up(prompts, max_new_tokens)  # with compare_plain, the plain generator's too
@@ -222,7 +222,8 @@ class SpeculativeGenerator(Generator):
             gen = self.plain_generator()
             # this generator's cache size for both (at least this run's): neither's graphs are
             # then re-specialised or dropped
-            gen.reserve(1, max(self.cache_positions(prompts, params.max_new_tokens), self.fixed_seq_len or 0))
+            needed = self.cache_positions(self._check_lengths(prompts, params.max_new_tokens))
+            gen.reserve(1, max(needed, self.fixed_seq_len or 0))
             plain = gen.generate(prompts, params)[0]
             assert plain.stats is not None
         out = self._generate_one(prompts[0], params, stream)
@@ -242,7 +243,7 @@ class SpeculativeGenerator(Generator):
         total = self._check_lengths([prompt], params.max_new_tokens)
         length = len(prompt)
         max_new = min(params.max_new_tokens, total - length)
-        self._ensure_cache(1, self.cache_positions([prompt], params.max_new_tokens))
+        self._ensure_cache(1, self.cache_positions(total))
         cache_len = self.model.max_seq_len
         dev = self.device
         eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
