@@ -19,6 +19,7 @@ from llmopt.speculative import (
     ReplayDrafter,
     SpeculativeConfig,
     SpeculativeGenerator,
+    SpeculativeStats,
     build_drafter,
     parse_draft_spec,
 )
@@ -181,6 +182,17 @@ def test_ngram_drafter_proposes_latest_match() -> None:
     assert d.propose(ids, 3).tokens[0].tolist() == [5, 6, 7]
     assert d.propose([*ids, 8], 3).num_tokens == 0  # "3 8" / "8" never seen before
     assert d.propose([*ids, 8, 2, 3], 2).tokens[0].tolist() == [8, 2]  # latest "2 3" wins
+
+
+def test_stats_separate_full_k_steps() -> None:
+    s = SpeculativeStats("d", 4, False)
+    for drafted, accepted in [(4, 4), (4, 2), (1, 0), (0, 0)]:  # the last two: the budget cut k short
+        s.record(drafted, accepted)
+    assert s.mean_accepted_per_step == 2.0  # 6 accepted over 3 steps that drafted
+    assert s.mean_accepted_per_full_step == 3.0  # 6 over the 2 steps that drafted all 4
+    assert s.acceptance_by_position == [2 / 3, 1.0, 0.5, 0.5]
+    assert s.mean_tokens_per_step == 10 / 4
+    assert SpeculativeStats("d", 4, False).mean_accepted_per_full_step is None
 
 
 def test_adaptive_k_follows_acceptance() -> None:

@@ -57,12 +57,15 @@ cp $S/distill.json "$OUT/distill.json" 2>/dev/null
 A="python3 bench/device/speculative.py acceptance --model $G --draft $S --device cuda --text src/llmopt/data/prideprejudice.txt"
 # The CPU runs' setting (8 prompts, 64 tokens, 48 new, k = 4 fixed, eager), then the wall-clock
 # case: 32 prompts, 128 new tokens, adaptive k, compiled plain/verify/draft steps.
-# DISTILL_MEASURE: which of the three runs below (all by default; e.g. "compiled" alone leaves
-# more of the call to training, when a second call goes on training the same student)
+# DISTILL_MEASURE: which of the runs below: eager, compiled, long, adaptive (default: all but long;
+# "none" or "compiled" alone leaves more of the call to training, when a later call goes on
+# training the same student)
 M=" ${DISTILL_MEASURE:-eager compiled adaptive} "
 [[ $M == *" eager "* ]] && timeout 60 $A --fixed-k --out "$OUT/acceptance_k4.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
 # The target's setting on more text (k = 4 fixed, 32 prompts x 96 new tokens), compiled steps:
 [[ $M == *" compiled "* ]] && timeout $((END_S - 60 - SECONDS)) $A --fixed-k --prompts 32 --new-tokens 96 --compile --out "$OUT/acceptance_k4_compiled_32x96.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
+# The same at the issues' usual decode length, 200 new tokens:
+[[ $M == *" long "* ]] && timeout $((END_S - 30 - SECONDS)) $A --fixed-k --prompts 32 --new-tokens 200 --compile --out "$OUT/acceptance_k4_compiled_32x200.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
 [[ $M == *" adaptive "* ]] && timeout $((END_S - 5 - SECONDS)) $A --prompts 32 --new-tokens 128 --compile --out "$OUT/acceptance_k4_adaptive_compiled_32x128.json" 2>&1 | tail -1 | cut -c1-600 | tee -a "$OUT/log.txt"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
@@ -72,6 +75,6 @@ print("steps", d.get("steps_run"), "train_s", d.get("train_seconds"), "gen_s", d
 print("held-out after", d.get("held_out_after"), "policy after", d.get("held_out_policy_after"))
 for f in sorted(out.glob("acceptance_*.json")):
     r = json.loads(f.read_text())
-    print(f.name, "accepted/step", r["mean_accepted_per_step"], "by position", r["acceptance_by_position"],
+    print(f.name, "accepted/step", r["mean_accepted_per_step"], "full-k", r.get("mean_accepted_per_full_step"), "by position", r["acceptance_by_position"],
           "speedup", r["speedup"], "equal", r["greedy_equal_to_plain"], "compiled", r.get("compiled"))
 PY

@@ -312,7 +312,7 @@ def run_acceptance(args: argparse.Namespace) -> int:
         # the timed prompts of the eighth session's fixed-k run)
         gen.generate(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
     before = _compile_counts(plain_gen, gen, drafter)
-    agg = {"steps": 0, "draft_steps": 0, "drafted": 0, "accepted": 0}
+    agg = {"steps": 0, "draft_steps": 0, "drafted": 0, "accepted": 0, "full_steps": 0, "accepted_full": 0}
     by_pos_d = [0] * args.k
     by_pos_a = [0] * args.k
     plain_s = spec_s = 0.0
@@ -331,6 +331,8 @@ def run_acceptance(args: argparse.Namespace) -> int:
         agg["draft_steps"] += s.draft_steps
         agg["drafted"] += s.drafted
         agg["accepted"] += s.accepted
+        agg["full_steps"] += s.k_histogram.get(args.k, 0)  # steps that drafted all k tokens
+        agg["accepted_full"] += s.accepted_by_k.get(args.k, 0)
         for i in range(args.k):
             by_pos_d[i] += s.drafted_by_position[i]
             by_pos_a[i] += s.accepted_by_position[i]
@@ -343,6 +345,9 @@ def run_acceptance(args: argparse.Namespace) -> int:
         "acceptance_rate": round(agg["accepted"] / max(1, agg["drafted"]), 4),
         "acceptance_by_position": [round(a / d, 4) if d else None for a, d in zip(by_pos_a, by_pos_d, strict=True)],
         "mean_accepted_per_step": round(agg["accepted"] / max(1, agg["draft_steps"]), 4),
+        # the same over the steps that drafted all k tokens (not those the token budget cut short)
+        "mean_accepted_per_full_step": round(agg["accepted_full"] / max(1, agg["full_steps"]), 4),
+        "full_k_steps": agg["full_steps"], "draft_steps": agg["draft_steps"],
         "mean_tokens_per_step": round((agg["accepted"] + agg["steps"]) / max(1, agg["steps"]), 4),
         "plain_decode_tokens_per_s": round(new_tokens / plain_s, 2) if plain_s else None,
         "speculative_decode_tokens_per_s": round(new_tokens / spec_s, 2) if spec_s else None,

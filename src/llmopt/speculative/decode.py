@@ -39,6 +39,7 @@ class SpeculativeStats:
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     k_histogram: dict[int, int] = field(default_factory=dict)  # drafted length -> steps
+    accepted_by_k: dict[int, int] = field(default_factory=dict)  # drafted length -> accepted
     plain_decode_tokens_per_s: float | None = None
     speculative_decode_tokens_per_s: float | None = None
 
@@ -54,6 +55,7 @@ class SpeculativeStats:
         self.draft_steps += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.accepted_by_k[drafted] = self.accepted_by_k.get(drafted, 0) + accepted
         for i in range(drafted):
             self.drafted_by_position[i] += 1
             if i < accepted:
@@ -73,6 +75,13 @@ class SpeculativeStats:
     def mean_accepted_per_step(self) -> float:
         """Drafted tokens accepted per verify step that had drafts (the bonus token excluded)."""
         return self.accepted / self.draft_steps if self.draft_steps else 0.0
+
+    @property
+    def mean_accepted_per_full_step(self) -> float | None:
+        """Drafts accepted per step that drafted all k_max tokens: the rate "at k" proper, without
+        the steps whose drafts the token budget cut short (the last ones of a request)."""
+        steps = self.k_histogram.get(self.k_max, 0)
+        return self.accepted_by_k.get(self.k_max, 0) / steps if steps else None
 
     @property
     def mean_tokens_per_step(self) -> float:
@@ -100,8 +109,10 @@ class SpeculativeStats:
             "acceptance_rate": r(self.acceptance_rate),
             "acceptance_by_position": [r(x) for x in self.acceptance_by_position],
             "mean_accepted_per_step": r(self.mean_accepted_per_step),
+            "mean_accepted_per_full_step": r(self.mean_accepted_per_full_step),
             "mean_tokens_per_step": r(self.mean_tokens_per_step),
             "k_histogram": {str(k): v for k, v in sorted(self.k_histogram.items())},
+            "accepted_by_k": {str(k): v for k, v in sorted(self.accepted_by_k.items())},
             "plain_decode_tokens_per_s": r(self.plain_decode_tokens_per_s),
             "speculative_decode_tokens_per_s": r(self.speculative_decode_tokens_per_s),
             "speedup": r(self.speedup),
