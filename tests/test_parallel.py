@@ -473,16 +473,21 @@ def test_cli_generate_tp2_quantised_matches_tp1_quantised(tmp_path: Path) -> Non
 
 def test_cli_speculative_tp2_matches_tp1(tmp_path: Path) -> None:
     """--draft under --tp: the draft (here the sharded model's own first layer) proposes on every
-    rank alike, and the greedy tokens are those of one process."""
+    rank alike, and the greedy tokens are those of one process. With adaptive k the ranks choose k
+    by the cost model, not by their own step timings, so that every rank verifies the same width."""
     ckpt = _save_tiny(tmp_path / "ckpt", preset_config("tiny"))
     common = ["generate", "-m", str(ckpt), "--device", "cpu", "--temperature", "0", "--json",
-              "--max-new-tokens", "12", "--ignore-eos", "-p", "abcabcabc abcabc", "--draft",
-              "self-layers:1", "--speculate-k", "3", "--fixed-k"]
-    one, two = _llmopt(*common), _llmopt(*common, "--tp", "2")
+              "--max-new-tokens", "12", "--ignore-eos", "-p", "abcabcabc abcabc", "--speculate-k", "3"]
+    fixed = [*common, "--draft", "self-layers:1", "--fixed-k"]
+    one, two = _llmopt(*fixed), _llmopt(*fixed, "--tp", "2")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
     assert b["speculative"]["drafted_tokens"] > 0
+    adaptive = _llmopt(*common, "--draft", "ngram", "--tp", "2")
+    assert adaptive.returncode == 0, adaptive.stderr[-2000:]
+    c = json.loads(adaptive.stdout)
+    assert c["token_ids"] == a["token_ids"] and c["speculative"]["step_costs"] == "modelled"
 
 
 def test_cli_bench_tp2_reports_per_rank(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from llmopt.speculative import (
     build_drafter,
     parse_draft_spec,
 )
-from llmopt.speculative.adaptive import AdaptiveK, AdaptiveKConfig
+from llmopt.speculative.adaptive import AdaptiveK, AdaptiveKConfig, StepCosts
 from llmopt.speculative.drafters import model_cost
 
 CPU = torch.device("cpu")
@@ -209,6 +209,72 @@ def test_adaptive_k_follows_acceptance() -> None:
     assert fixed.next_k() == 3
 
 
+def _drive(ctl: AdaptiveK, costs: StepCosts, seconds: dict[int, float], accept: float,
+           steps: int) -> list[int]:
+    """Run the controller against a simulated drafter: each drafted token accepted with
+    probability ``accept`` (a prefix), a step drafting k tokens taking ``seconds[k]``."""
+    gen = torch.Generator().manual_seed(0)
+    ks = []
+    for _ in range(steps):
+        k = ctl.next_k()
+        ks.append(k)
+        n = 0
+        while n < k and torch.rand((), generator=gen).item() < accept:
+            n += 1
+        ctl.update(k, n)
+        costs.observe(k, seconds[k])
+    return ks
+
+
+def test_adaptive_k_follows_measured_step_costs() -> None:
+    cfg = AdaptiveKConfig(k_max=4, verify_cost=0.03, probe_every=8)
+    # A launch-bound small target: verifying costs 1.6 plain steps and a draft token half a step,
+    # though the byte-count model (draft_cost 0.1) says drafting is cheap. At 75% acceptance
+    # drafting does not pay (best ratio 1.75 / 2.1 at k = 1): plain decoding, with k = 1 probes.
+    slow = {k: 1.0 if k == 0 else 1.6 + 0.5 * k for k in range(5)}
+    costs = StepCosts(4)
+    ctl = AdaptiveK(cfg, draft_cost=0.1, costs=costs)
+    ks = _drive(ctl, costs, slow, 0.75, 200)
+    assert ks[1] == 0  # the early plain step that drafting is measured against
+    assert ks[-100:].count(0) >= 80 and sum(k > 1 for k in ks[-100:]) <= 5
+    assert AdaptiveK(cfg, draft_cost=0.1).best_k() >= 3  # the model alone would draft
+    # Bandwidth-bound: verification nearly free, drafts cheap: the full k, with a few probes.
+    fast = {k: 1.0 + 0.05 * k for k in range(5)}
+    costs = StepCosts(4)
+    ctl = AdaptiveK(cfg, draft_cost=0.1, costs=costs)
+    ks = _drive(ctl, costs, fast, 0.75, 200)
+    assert ks[-100:].count(4) >= 80
+    assert abs(costs.relative(4) - 1.2) < 1e-9
+
+
+def test_step_costs_shrug_off_one_slow_step() -> None:
+    costs = StepCosts(2)
+    costs.observe(1, 5.0)  # a graph capture
+    costs.observe(1, 0.01)  # the real cost: replaces the capture's at once
+    assert costs.seconds[1] == 0.01
+    costs.observe(1, 1.0)  # the host preempted once: bounded to 3x, then averaged
+    assert costs.seconds[1] == pytest.approx(0.8 * 0.01 + 0.2 * 0.03)
+    assert costs.relative(1) is None  # no plain step measured yet
+    costs.observe(0, 0.01)
+    assert costs.relative(1) == pytest.approx(1.4)
+    assert costs.stalest([0, 1, 2]) == 2  # never seen
+
+
+def test_measured_costs_only_where_tokens_stay_reproducible(tiny: torch.nn.Module) -> None:
+    prompt = [5, 6, 7, 8]
+    gen = SpeculativeGenerator(tiny, None, CPU, build_drafter("self-layers:2", tiny, None),
+                               SpeculativeConfig(k=3))
+    stats = gen.generate([prompt], GREEDY)[0].extra["speculative"]
+    assert isinstance(stats, dict) and stats["step_costs"] == "measured"
+    timed = set(stats["step_ms_by_drafted"])
+    assert "0" in timed and timed - {"0"}  # plain steps and drafting ones were timed
+    # Seeded sampling: k follows the cost model only, so the same seed gives the same tokens.
+    params = SamplingParams(max_new_tokens=30, temperature=0.9, seed=3, ignore_eos=True)
+    a, b = (gen.generate([prompt], params)[0] for _ in range(2))
+    assert a.token_ids == b.token_ids
+    assert a.extra["speculative"]["step_costs"] == "modelled"
+
+
 def test_draft_spec_parsing_and_errors() -> None:
     from llmopt.errors import UserError
 
@@ -311,8 +377,10 @@ def test_cli_bench_draft_on_copied_text(default_model_dir: str, tmp_path, monkey
     assert main(["bench", "--model", default_model_dir, "--device", "cpu", "--draft", "ngram",
                  "--prompt-file", str(prompt), "--new-tokens", "24", "--runs", "3", "--warmup", "0",
                  "--json", str(out)]) == 0
-    assert "speedup" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "ms per step by drafts" in printed
     r = json.loads(out.read_text())
     assert r["same_tokens_as_plain"] is True and len(r["runs"]) == 3
+    assert r["speculative"]["step_costs"] == "measured" and "0" in r["speculative"]["step_ms_by_drafted"]
     assert r["speculative"]["mean_tokens_per_step"] > 1.5
     assert r["speedup"] == pytest.approx(r["speculative_decode_tokens_per_s"] / r["plain_decode_tokens_per_s"])

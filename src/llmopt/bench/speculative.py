@@ -126,5 +126,8 @@ def format_speculative(r: dict[str, Any]) -> str:
         ("acceptance by position", by_pos),
         ("same tokens as plain", "yes" if r["same_tokens_as_plain"] else "NO"),
     ]
+    if s.get("step_ms_by_drafted"):  # adaptive k's measured step times, by drafted tokens
+        rows.append(("ms per step by drafts", ", ".join(
+            f"{k}: {ms:.2f}" for k, ms in s["step_ms_by_drafted"].items())))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {v}" for name, v in rows)

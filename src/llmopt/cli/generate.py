@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         draft_spec = parse_draft_spec(args.draft)
         spec_config = SpeculativeConfig(k=args.speculate_k, adaptive=not args.fixed_k,
                                         compare_plain=args.speculate_compare,
-                                        compile=args.compile, compile_mode=args.compile_mode)
+                                        compile=args.compile, compile_mode=args.compile_mode,
+                                        # ranks timing their own steps could choose different k
+                                        measured_costs=args.tp == 1)
 
     rc = maybe_launch(args, stdin_data=prompt if args.prompt is None else None)
     if rc is not None:  # this process started the --tp ranks; they have finished

@@ -1,11 +1,18 @@
 """Choosing how many tokens to draft from the acceptance seen so far.
 
 With per-token acceptance rate ``a`` a step that drafts k tokens emits on average
-``E(k) = 1 + a + ... + a^k`` tokens and costs about ``1 + k * (verify_cost + draft_cost)`` plain
-decode steps. The controller picks the k in [0, k_max] with the best ratio; k = 0 is plain decoding,
-chosen when drafting does not pay. While at k = 0 it still probes with one drafted token every
-``probe_every`` steps, so that a drafter that becomes good again (n-gram lookup reaching repeated
-text) is noticed.
+``E(k) = 1 + a + ... + a^k`` tokens and costs ``c(k)`` plain decode steps. The controller picks the
+k in [0, k_max] with the best ratio E(k) / c(k); k = 0 is plain decoding, chosen when drafting does
+not pay. While at k = 0 it still probes with one drafted token every ``probe_every`` steps, so that
+a drafter that becomes good again (n-gram lookup reaching repeated text) is noticed.
+
+The cost c(k) is measured where it can be (``StepCosts``: the wall-clock time of the steps that
+drafted k tokens over that of plain steps, kept across requests), and otherwise modelled as
+``1 + k * (verify_cost + draft_cost)``. The model is only a prior: on a small model whose steps are
+bound by kernel launches a 5-token verify can cost 1.6 plain steps, not the 1.1 that bandwidth
+alone predicts, and a draft with half the target's layers half a step per token whatever its bytes.
+With measured costs the controller also explores now and then: a plain step, to know what drafting
+is compared with, and the draft lengths next to the current best.
 """
 
 from __future__ import annotations
@@ -34,13 +41,61 @@ class AdaptiveKConfig:
             raise ValueError(f"verify_cost must be >= 0, got {self.verify_cost}")
 
 
+class StepCosts:
+    """Wall-clock seconds of a speculative step by how many tokens it drafted (0 = a plain step):
+    an exponential moving average per draft length, kept across requests (the costs belong to the
+    model, drafter and device, not to the text)."""
+
+    def __init__(self, k_max: int, decay: float = 0.8) -> None:
+        self.decay = decay
+        self.seconds: list[float | None] = [None] * (k_max + 1)
+        self._seen = [-1] * (k_max + 1)  # when each length was last observed (observation count)
+        self._count = 0
+
+    def observe(self, drafted: int, seconds: float) -> None:
+        if not 0 <= drafted < len(self.seconds):
+            return
+        self._count += 1
+        self._seen[drafted] = self._count
+        old = self.seconds[drafted]
+        if old is None or seconds < old / 3:
+            # the first, or an estimate made of a one-off slow step (a compile or graph capture)
+            self.seconds[drafted] = seconds
+        else:  # one slow step (the host preempted) moves the estimate by a bounded amount
+            self.seconds[drafted] = self.decay * old + (1 - self.decay) * min(seconds, 3 * old)
+
+    def relative(self, drafted: int) -> float | None:
+        """Cost of a step that drafts ``drafted`` tokens in plain steps, if both were measured."""
+        plain, t = self.seconds[0], self.seconds[drafted]
+        return t / plain if plain and t is not None else None
+
+    def stalest(self, candidates: list[int]) -> int:
+        """The candidate observed longest ago (or never)."""
+        return min(candidates, key=lambda k: self._seen[k])
+
+    def as_dict(self) -> dict[str, float]:
+        """Measured milliseconds per step, by drafted tokens."""
+        return {str(k): round(t * 1e3, 3) for k, t in enumerate(self.seconds) if t is not None}
+
+
 class AdaptiveK:
-    def __init__(self, config: AdaptiveKConfig, draft_cost: float) -> None:
+    def __init__(self, config: AdaptiveKConfig, draft_cost: float, costs: StepCosts | None = None) -> None:
         self.config = config
         self.draft_cost = draft_cost
+        self.costs = costs
         self._accepted = config.prior_rate * config.prior_weight
         self._trials = config.prior_weight
         self._plain_steps = 0
+        self._steps = 0
+
+    def step_cost(self, k: int) -> float:
+        """Cost of a step drafting k tokens, in plain steps: measured, else modelled."""
+        if k == 0:
+            return 1.0
+        measured = self.costs.relative(k) if self.costs is not None else None
+        if measured is not None:
+            return measured
+        return 1.0 + k * (self.config.verify_cost + self.draft_cost)
 
     @property
     def acceptance(self) -> float:
@@ -54,7 +109,7 @@ class AdaptiveK:
         expected = 1.0
         for k in range(1, cfg.k_max + 1):
             expected += a**k
-            ratio = expected / (1.0 + k * (cfg.verify_cost + self.draft_cost))
+            ratio = expected / self.step_cost(k)
             if ratio > best * 1.0001:  # ties go to the shorter draft
                 best_k, best = k, ratio
         return best_k
@@ -64,6 +119,15 @@ class AdaptiveK:
         if not cfg.adaptive:
             return cfg.k_max
         k = self.best_k()
+        self._steps += 1
+        costs = self.costs
+        if k > 0 and costs is not None and cfg.k_max > 0:
+            # Explore with measured costs: the first plain step early (drafting is judged against
+            # it), then every probe_every steps whichever of plain, k - 1 and k + 1 is stalest.
+            first_plain = costs.seconds[0] is None and self._steps == 2
+            if first_plain or self._steps % cfg.probe_every == 0:
+                near = [j for j in (0, k - 1, k + 1) if 0 <= j <= cfg.k_max and j != k]
+                return 0 if first_plain else costs.stalest(near)
         if k > 0:
             self._plain_steps = 0
             return k

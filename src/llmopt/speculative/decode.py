@@ -23,7 +23,7 @@ from llmopt.errors import UserError
 from llmopt.loading.tokenizer import IncrementalDetokenizer, Tokenizer
 from llmopt.sampling import SamplingParams, SamplingTensors, sample
 from llmopt.sampling.verify import verify
-from llmopt.speculative.adaptive import AdaptiveK, AdaptiveKConfig
+from llmopt.speculative.adaptive import AdaptiveK, AdaptiveKConfig, StepCosts
 from llmopt.speculative.drafters import Drafter
 
 
@@ -42,6 +42,8 @@ class SpeculativeStats:
     accepted_by_k: dict[int, int] = field(default_factory=dict)  # drafted length -> accepted
     plain_decode_tokens_per_s: float | None = None
     speculative_decode_tokens_per_s: float | None = None
+    # adaptive k's measured step times (ms by drafted tokens), None where k was chosen by the model
+    step_ms: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.drafted_by_position = [0] * self.k_max
@@ -113,6 +115,8 @@ class SpeculativeStats:
             "mean_tokens_per_step": r(self.mean_tokens_per_step),
             "k_histogram": {str(k): v for k, v in sorted(self.k_histogram.items())},
             "accepted_by_k": {str(k): v for k, v in sorted(self.accepted_by_k.items())},
+            "step_costs": "modelled" if self.step_ms is None else "measured",
+            "step_ms_by_drafted": self.step_ms,
             "plain_decode_tokens_per_s": r(self.plain_decode_tokens_per_s),
             "speculative_decode_tokens_per_s": r(self.speculative_decode_tokens_per_s),
             "speedup": r(self.speedup),
@@ -130,6 +134,9 @@ class SpeculativeConfig:
     compile: bool = False
     compile_mode: str = "auto"  # engine.compile.resolve_compile_mode
     max_seq_len: int | None = None  # fixed cache size when compiled (default: grown as needed)
+    # Adaptive k by measured step times (else by the cost model alone). Off where several
+    # processes must choose the same k each step without talking: tensor-parallel ranks.
+    measured_costs: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -159,6 +166,8 @@ class SpeculativeGenerator(Generator):
         self.drafter = drafter
         self.spec = config or SpeculativeConfig()
         self.last_stats: SpeculativeStats | None = None
+        # adaptive k's measured step costs, kept across requests (see adaptive.py)
+        self.step_costs = StepCosts(self.spec.k)
         self._verify_graph = None
         self._plain = plain
         if self.spec.compile:
@@ -208,13 +217,16 @@ class SpeculativeGenerator(Generator):
             return self._verify_graph(tokens, positions)
         return self.model(tokens, positions, kv_len=kv_len)
 
-    def _adaptive(self) -> AdaptiveK:
+    def _adaptive(self, measured: bool) -> AdaptiveK:
+        """``measured``: choose k by the step times measured so far (else by the cost model
+        alone, which keeps a seeded sampling run's draws, and so its tokens, reproducible)."""
         verify_cost = self.spec.verify_cost
         if verify_cost is None:
             # A CPU runs out of compute before bandwidth: each verified token costs real time.
             verify_cost = 0.15 if self.device.type == "cpu" else 0.03
         cfg = AdaptiveKConfig(k_max=self.spec.k, adaptive=self.spec.adaptive, verify_cost=verify_cost)
-        return AdaptiveK(cfg, self.drafter.cost_per_token)
+        costs = self.step_costs if measured and self.spec.adaptive and self.spec.measured_costs else None
+        return AdaptiveK(cfg, self.drafter.cost_per_token, costs)
 
     def generate(
         self,
@@ -267,7 +279,9 @@ class SpeculativeGenerator(Generator):
             gen = torch.Generator(device=dev).manual_seed(params.seed)
             draft_gen = torch.Generator(device=dev).manual_seed(params.seed + 1)
         arange = torch.arange(cache_len + 1, device=dev)  # sliced by host ints: no copies
-        adaptive = self._adaptive()
+        # Seeded sampling: k from the cost model only, so that the same seed draws the same tokens.
+        adaptive = self._adaptive(measured=params.greedy or params.seed is None)
+        costs = adaptive.costs
         stats = SpeculativeStats(self.drafter.name, self.spec.k, self.spec.adaptive)
 
         tokens = torch.tensor([prompt], dtype=torch.long, device=dev)  # [1, L]
@@ -283,6 +297,7 @@ class SpeculativeGenerator(Generator):
         self._accept([row], [first], params, eos, stream)
         pos = length  # position of the pending token
         while not row.finished and emitted < max_new:
+            t_step = time.perf_counter()  # the last step ended in a sync: the device is idle
             # Never draft past max_new_tokens or the cache: the step emits up to k+1 tokens.
             k = min(adaptive.next_k(), max_new - emitted - 1, cache_len - 1 - pos)
             prop = self.drafter.propose(ids, k)
@@ -301,6 +316,8 @@ class SpeculativeGenerator(Generator):
             del logits  # a compiled step's output buffer: drop it before the next replay
             pending = res.last_token()  # [1], stays on the device for the next step's input
             host = res.packed()[0].tolist()  # the one device->host copy per step
+            if costs is not None:
+                costs.observe(m, time.perf_counter() - t_step)
             n = host[0]
             new = host[1 : n + 2]
             self.drafter.accept(n)
@@ -318,5 +335,6 @@ class SpeculativeGenerator(Generator):
         gstats = GenerationStats(length, len(row.token_ids), t_first - t_start, t_end - t_first,
                                  t_end - t_start)
         stats.speculative_decode_tokens_per_s = gstats.decode_tokens_per_s
+        stats.step_ms = costs.as_dict() if costs is not None else None
         self.last_stats = stats
         return RequestOutput(None, prompt, row.text, row.token_ids, row.finish_reason, gstats)
