@@ -107,6 +107,27 @@ def test_greedy_equal_default_model(default_model_dir: str) -> None:
     assert isinstance(stats, dict) and stats["accepted_tokens"] > 0
 
 
+def test_plain_runs_stop_where_plain_decoding_stops(default_model_dir: str) -> None:
+    """Drafts that always fail send adaptive k to runs of plain steps, whose host reads each token
+    a step late: the output still ends exactly where plain decoding's does, at end-of-sequence
+    and at a stop string, with the same text and finish reason."""
+    from llmopt.loading.loader import load_model
+
+    lm = load_model(default_model_dir, device="cpu", progress=False)
+    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = lm.tokenizer.encode(text)
+    for params in (SamplingParams(max_new_tokens=40, temperature=0),
+                   SamplingParams(max_new_tokens=40, temperature=0, stop=(" Paris",))):
+        ref = Generator(lm.model, lm.tokenizer, CPU).generate([prompt], params)[0]
+        assert ref.finish_reason == "stop" and len(ref.token_ids) < 40
+        gen = SpeculativeGenerator(lm.model, lm.tokenizer, CPU, AlwaysWrongDrafter(ref.token_ids, 49152),
+                                   SpeculativeConfig(k=4))
+        out = gen.generate([prompt], params)[0]
+        assert (out.token_ids, out.text, out.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
+        stats = out.extra["speculative"]
+        assert isinstance(stats, dict) and stats["k_histogram"].get("0", 0) >= len(ref.token_ids) // 2
+
+
 def test_fixed_width_verify_padding_keeps_greedy_equal(tiny: torch.nn.Module) -> None:
     # The padding used by compiled verification, exercised eagerly: the uncompiled static step
     # stands in for the graph (it reads the whole cache, as the graph does).
@@ -196,14 +217,26 @@ def test_stats_separate_full_k_steps() -> None:
 
 
 def test_adaptive_k_follows_acceptance() -> None:
-    ctl = AdaptiveK(AdaptiveKConfig(k_max=4, verify_cost=0.03, probe_every=5), draft_cost=0.0)
+    ctl = AdaptiveK(AdaptiveKConfig(k_max=4, verify_cost=0.03, probe_every=5, probe_max=20), draft_cost=0.0)
     for _ in range(20):
         ctl.update(4, 4)
     assert ctl.next_k() == 4
-    for _ in range(60):
-        ctl.update(ctl.next_k() or 1, 0)
-    ks = [ctl.next_k() for _ in range(10)]
-    assert ks.count(0) >= 8 and 1 in ks  # plain decoding, with an occasional probe
+    ks = []
+    for _ in range(150):  # every draft rejected from now on
+        ks.append(ctl.next_k())
+        ctl.update(ks[-1], 0)
+    assert ks[0] > 0 and ks[-100:].count(0) >= 90  # plain decoding, with an occasional probe
+    probes = [i for i, k in enumerate(ks) if k == 1 and ks[i - 1] == 0]
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:3] == [10, 20, 20] and set(gaps) == {10, 20}  # a probe every 5, 10, 20, 20... steps
+    # A probe the drafter had nothing for (n-gram lookup without a match) costs nothing: the
+    # drafter is asked again at the next step.
+    assert ctl.next_k() == 0
+    while (k := ctl.next_k()) == 0:
+        pass
+    assert k == 1
+    ctl.update(0, 0)
+    assert ctl.next_k() == 1
     fixed = AdaptiveK(AdaptiveKConfig(k_max=3, adaptive=False), draft_cost=0.0)
     fixed.update(3, 0)
     assert fixed.next_k() == 3

@@ -3,8 +3,12 @@
 With per-token acceptance rate ``a`` a step that drafts k tokens emits on average
 ``E(k) = 1 + a + ... + a^k`` tokens and costs ``c(k)`` plain decode steps. The controller picks the
 k in [0, k_max] with the best ratio E(k) / c(k); k = 0 is plain decoding, chosen when drafting does
-not pay. While at k = 0 it still probes with one drafted token every ``probe_every`` steps, so that
-a drafter that becomes good again (n-gram lookup reaching repeated text) is noticed.
+not pay. While at k = 0 it still probes with one drafted token, so that a drafter that becomes
+good again (n-gram lookup reaching repeated text) is noticed: every ``probe_every`` steps at first,
+the interval doubling up to ``probe_max`` each time a probe drafted and drafting still does not
+pay (a probe can cost two plain steps on a small GPU model, and a drafter that keeps failing
+should cost little). A probe the drafter had nothing for (n-gram lookup without a match) cost
+nothing and does not lengthen the interval: the drafter is asked again at the next step.
 
 The cost c(k) is measured where it can be (``StepCosts``: the wall-clock time of the steps that
 drafted k tokens over that of plain steps, kept across requests), and otherwise modelled as
@@ -31,6 +35,7 @@ class AdaptiveKConfig:
     prior_rate: float = 0.6  # acceptance assumed before any evidence...
     prior_weight: float = 2.0  # ...worth this many drafted tokens
     probe_every: int = 16
+    probe_max: int = 256  # the longest run of plain steps between probes (doubling from probe_every)
 
     def __post_init__(self) -> None:
         if self.k_max < 0:
@@ -86,6 +91,8 @@ class AdaptiveK:
         self._accepted = config.prior_rate * config.prior_weight
         self._trials = config.prior_weight
         self._plain_steps = 0
+        self._probe_gap = config.probe_every
+        self._probing = False
         self._steps = 0
 
     def step_cost(self, k: int) -> float:
@@ -130,15 +137,23 @@ class AdaptiveK:
                 return 0 if first_plain else costs.stalest(near)
         if k > 0:
             self._plain_steps = 0
+            self._probe_gap = cfg.probe_every  # drafting pays again: probe soon if it stops
             return k
         self._plain_steps += 1
-        if self._plain_steps >= cfg.probe_every and cfg.k_max > 0:
+        if self._plain_steps >= self._probe_gap and cfg.k_max > 0:
             self._plain_steps = 0
+            self._probing = True
             return 1
         return 0
 
     def update(self, drafted: int, accepted: int) -> None:
         """One verify step: ``accepted`` of ``drafted`` tokens kept (a prefix)."""
+        if self._probing:
+            self._probing = False
+            if drafted > 0:  # a real probe: the next waits twice as long unless drafting resumes
+                self._probe_gap = min(2 * self._probe_gap, max(self.config.probe_max, self.config.probe_every))
+            else:  # the drafter had nothing: that cost nothing, so ask it again next step
+                self._plain_steps = self._probe_gap
         if drafted <= 0:
             return
         # Tokens actually tested: the accepted ones plus the first rejected one (the rest were never

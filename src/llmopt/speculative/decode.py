@@ -5,7 +5,8 @@ emitted (``pending``, at position ``pos``). A step feeds ``[pending, d_1 .. d_m]
 ``pos .. pos+m`` in one forward, verifies, and emits ``n`` accepted drafts plus one token from the
 target. Rejected positions are rolled back by moving ``pos`` only: the cache is written by position
 and attention masks keys by position, so stale entries past ``pos`` are overwritten before any
-query can see them. One host copy per step fetches the emitted tokens.
+query can see them. One host copy per step fetches the emitted tokens; plain steps (k = 0) run
+without a sync, the host reading each token while the next step runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmopt.devices import synchronize
+from llmopt.devices import HostTokens, synchronize
 from llmopt.engine.generate import Generator, StreamCallback, _Row
 from llmopt.engine.outputs import GenerationStats, RequestOutput
 from llmopt.errors import UserError
@@ -296,10 +297,46 @@ class SpeculativeGenerator(Generator):
         emitted = 1
         self._accept([row], [first], params, eos, stream)
         pos = length  # position of the pending token
+        no_drafts = torch.zeros(1, 0, dtype=torch.long, device=dev)
+        k_next: int | None = None  # chosen at the end of a run of plain steps
         while not row.finished and emitted < max_new:
             t_step = time.perf_counter()  # the last step ended in a sync: the device is idle
             # Never draft past max_new_tokens or the cache: the step emits up to k+1 tokens.
-            k = min(adaptive.next_k(), max_new - emitted - 1, cache_len - 1 - pos)
+            k = k_next if k_next is not None else min(adaptive.next_k(), max_new - emitted - 1,
+                                                      cache_len - 1 - pos)
+            k_next = None
+            if k == 0:
+                # Plain steps until adaptive k drafts again, without a sync per step: the host
+                # reads each token while the next step runs, as Generator's loop does (so it may
+                # run one step past an end-of-sequence token, which is dropped).
+                steps, in_flight = 0, None
+                while True:
+                    logits = self._verify_forward(pending[:, None], arange[pos : pos + 1][None], pos + 1)
+                    pending = verify(logits, no_drafts, None, st, gen).last_token()  # [1]
+                    del logits
+                    pos += 1
+                    steps += 1
+                    stats.record(0, 0)
+                    if in_flight is not None:
+                        t = in_flight.get()[0]
+                        ids.append(t)
+                        emitted += 1
+                        self._accept([row], [t], params, eos, stream)
+                    in_flight = HostTokens(pending)
+                    if row.finished or emitted + 1 >= max_new:
+                        break
+                    # the in-flight token counts as emitted by the next step
+                    k_next = min(adaptive.next_k(), max_new - emitted - 2, cache_len - 1 - pos)
+                    if k_next != 0:
+                        break
+                    k_next = None
+                t = in_flight.get()[0]
+                ids.append(t)
+                emitted += 1
+                self._accept([row], [t], params, eos, stream)
+                if costs is not None:
+                    costs.observe(0, (time.perf_counter() - t_step) / steps)
+                continue
             prop = self.drafter.propose(ids, k)
             m = prop.num_tokens
             drafts, probs = prop.tokens, prop.probs
