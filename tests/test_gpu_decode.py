@@ -107,8 +107,10 @@ def test_regional_compile_captured_step_equals_eager() -> None:
 
 def test_regional_compiled_speculation_on_gpu() -> None:
     """Speculation with captured regional graphs (verify at widths 1 and k+1, the draft's step):
-    greedy output equals plain decoding's."""
+    greedy output equals plain decoding's, with k fixed and with adaptive k, whose plain steps
+    run without a per-step sync between graph replays."""
     from llmopt.speculative import (
+        AlwaysWrongDrafter,
         ReplayDrafter,
         SpeculativeConfig,
         SpeculativeGenerator,
@@ -125,6 +127,14 @@ def test_regional_compiled_speculation_on_gpu() -> None:
         gen = SpeculativeGenerator(model, None, torch.device("cuda"), drafter, cfg)
         assert gen.generate([prompt], params)[0].token_ids == ref, drafter.name
         assert gen._verify_graph.captures >= 2  # one graph per verified width
+    for drafter in (AlwaysWrongDrafter(ref, model.config.vocab_size), ReplayDrafter(ref[:20])):
+        cfg = SpeculativeConfig(k=3, compile=True, compile_mode="regional", max_seq_len=128)
+        gen = SpeculativeGenerator(model, None, torch.device("cuda"), drafter, cfg)
+        for _ in range(2):  # the second run starts from the first's measured step costs
+            out = gen.generate([prompt], params)[0]
+            assert out.token_ids == ref, drafter.name
+            stats = out.extra["speculative"]
+            assert stats["step_costs"] == "measured" and stats["k_histogram"].get("0", 0) > 0
 
 
 def test_distill_continuations_compiled_equal_eager(monkeypatch) -> None:
