@@ -293,17 +293,24 @@ class SpeculativeGenerator(Generator):
         self.drafter.start(prompt, cache_len, st, draft_gen)
         synchronize(dev)
         t_first = time.perf_counter()
-        ids = [*prompt, first]
-        emitted = 1
+        ids = [*prompt, first]  # the tokens emitted so far: len(ids) - length
         self._accept([row], [first], params, eos, stream)
         pos = length  # position of the pending token
+
+        def emit(t: int) -> None:
+            ids.append(t)
+            self._accept([row], [t], params, eos, stream)
+
+        def choose_k(in_flight: int) -> int:
+            # Never draft past max_new_tokens (``in_flight`` tokens are emitted but not yet read)
+            # or the cache: the step emits up to k+1 tokens.
+            return min(adaptive.next_k(), max_new - (len(ids) - length) - in_flight - 1, cache_len - 1 - pos)
+
         no_drafts = torch.zeros(1, 0, dtype=torch.long, device=dev)
         k_next: int | None = None  # chosen at the end of a run of plain steps
-        while not row.finished and emitted < max_new:
+        while not row.finished and len(ids) - length < max_new:
             t_step = time.perf_counter()  # the last step ended in a sync: the device is idle
-            # Never draft past max_new_tokens or the cache: the step emits up to k+1 tokens.
-            k = k_next if k_next is not None else min(adaptive.next_k(), max_new - emitted - 1,
-                                                      cache_len - 1 - pos)
+            k = k_next if k_next is not None else choose_k(0)
             k_next = None
             if k == 0:
                 # Plain steps until adaptive k drafts again, without a sync per step: the host
@@ -318,22 +325,15 @@ class SpeculativeGenerator(Generator):
                     steps += 1
                     stats.record(0, 0)
                     if in_flight is not None:
-                        t = in_flight.get()[0]
-                        ids.append(t)
-                        emitted += 1
-                        self._accept([row], [t], params, eos, stream)
+                        emit(in_flight.get()[0])
                     in_flight = HostTokens(pending)
-                    if row.finished or emitted + 1 >= max_new:
+                    if row.finished or len(ids) - length + 1 >= max_new:
                         break
-                    # the in-flight token counts as emitted by the next step
-                    k_next = min(adaptive.next_k(), max_new - emitted - 2, cache_len - 1 - pos)
+                    k_next = choose_k(1)
                     if k_next != 0:
                         break
                     k_next = None
-                t = in_flight.get()[0]
-                ids.append(t)
-                emitted += 1
-                self._accept([row], [t], params, eos, stream)
+                emit(in_flight.get()[0])
                 if costs is not None:
                     costs.observe(0, (time.perf_counter() - t_step) / steps)
                 continue
@@ -361,9 +361,7 @@ class SpeculativeGenerator(Generator):
             adaptive.update(m, n)
             stats.record(m, n)
             for t in new:
-                ids.append(t)
-                emitted += 1
-                self._accept([row], [t], params, eos, stream)
+                emit(t)
                 if row.finished:
                     break
             pos += n + 1
