@@ -30,15 +30,21 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def sharp_int4_tiny(device: str | torch.device, dtype: torch.dtype, spec: str) -> Any:
     """The tiny preset widened to shapes torch's int4 kernels take (256 wide, head dim 64), its
-    head sharpened so greedy choices sit far from ties, quantised with ``spec``."""
+    head sharpened so greedy choices sit far from ties, quantised with ``spec`` (calibrated
+    methods on seeded random token ids)."""
     from llmopt.loading.loader import random_model
     from llmopt.loading.presets import preset_config
     from llmopt.quant import quantize_
+    from llmopt.quant.api import parse_quant_spec
 
     cfg = preset_config("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=64)
     model = random_model(cfg, torch.device(device), dtype, seed=5)
     model.lm_head.weight.mul_(40.0)
-    return quantize_(model, spec)
+    config = parse_quant_spec(spec)
+    calib = None
+    if config.needs_calibration:
+        calib = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    return quantize_(model, config, calibration=calib)
 
 
 def assert_greedy_up_to_ties(model: Any, prompt: list[int], tokens: list[int], tol: float = 0.1) -> None:

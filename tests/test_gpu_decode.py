@@ -264,7 +264,7 @@ def test_dense_gemv_out_by_default_decodes_the_same(monkeypatch) -> None:
     assert calls == [(T.FMT_INT8, False, False)]
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4-g32", "nf4", "fp8"])
+@pytest.mark.parametrize("spec", ["int8", "gptq-w8", "int4-g32", "nf4", "fp8"])
 def test_fused_quantised_projections_decode_the_same(spec: str) -> None:
     """--fuse-projections on a quantised model on the GPU (the joined int4 module rebuilds its
     tinygemm copy): logits at one row match the unfused model, and compiled batch-1 greedy

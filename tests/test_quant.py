@@ -150,6 +150,37 @@ def test_gptq_identity_hessian_is_rtn_and_real_hessian_beats_rtn() -> None:
         assert err_gptq < 0.7 * err_rtn, (c, err_gptq, err_rtn)
 
 
+def test_gptq_8bit_is_int8_per_channel_identity_hessian_is_rtn_and_real_hessian_beats_it() -> None:
+    from llmopt.errors import UserError
+    from llmopt.quant.gptq import GPTQConfig, gptq_module, gptq_quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    cfg = GPTQConfig(bits=8)
+    assert (cfg.group_size, cfg.act_order, cfg.sym) == (0, True, True)  # resolved defaults
+    rtn = P.quantize_int8_per_channel(w)
+    res = gptq_quantize_weight(w, torch.eye(128), GPTQConfig(bits=8, act_order=False))
+    assert torch.equal(res.codes, rtn.qweight) and res.perm is None
+    torch.testing.assert_close(res.scales[:, 0], rtn.scales)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(2048, 128, generator=g)
+    x[:, 5] *= 20  # one loud input channel, so act-order's order differs from model order
+    h = 2 * x.t() @ x / x.shape[0]
+    err_rtn = (x @ P.dequantize_int8(rtn.qweight, rtn.scales).t() - x @ w.t()).pow(2).mean()
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data.copy_(w)
+    for c in (GPTQConfig(bits=8, act_order=False), cfg):
+        r = gptq_quantize_weight(w, h, c)
+        m = gptq_module(r, lin, c)
+        assert isinstance(m, Int8Linear) and m.group_size == 0 and r.perm is None
+        assert int(m.qweight.abs().max()) <= 127
+        err = (x @ m.dequantize().t() - x @ w.t()).pow(2).mean()
+        assert err < 0.5 * err_rtn, (c, err, err_rtn)
+        torch.testing.assert_close(m(x[:4]), x[:4] @ m.dequantize().t(), rtol=1e-5, atol=1e-5)
+    for bad in (dict(bits=8, group_size=128), dict(bits=8, sym=False), dict(bits=5)):
+        with pytest.raises(UserError):
+            GPTQConfig(**bad)  # type: ignore[arg-type]
+
+
 def test_awq_search_never_loses_to_rtn_and_folding_is_exact() -> None:
     from llmopt.quant.awq import _fold, fake_quant, search_scale
 
@@ -168,21 +199,25 @@ def test_awq_search_never_loses_to_rtn_and_folding_is_exact() -> None:
     torch.testing.assert_close(layer.mlp(h), before, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["gptq-g32", "gptq-w3-g32", "awq-g32"])
+@pytest.mark.parametrize("spec", ["gptq-g32", "gptq-w3-g32", "gptq-w8", "awq-g32"])
 def test_calibrated_methods_run_layer_by_layer(spec: str) -> None:
     calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     ref = tiny()(ids)
     m = quantize_(tiny(), spec, calibration=calib)
     lin = m.model.layers[1].mlp.down_proj
-    assert isinstance(lin, Int4Linear) and lin.bits == (3 if "w3" in spec else 4)
+    if "w8" in spec:
+        assert isinstance(lin, Int8Linear) and lin.group_size == 0
+    else:
+        assert isinstance(lin, Int4Linear) and lin.bits == (3 if "w3" in spec else 4)
     rel = ((m(ids) - ref).norm() / ref.norm()).item()
-    assert 0 < rel < (0.7 if "w3" in spec else 0.4)
+    assert 0 < rel < {"w3": 0.7, "w8": 0.05}.get(spec.split("-")[1], 0.4)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4-g32", "nf4:double_quant=true", "fp8", "gptq-g32",
-                                  "gptq:group_size=32,act_order=true", "gptq-w3-g32", "awq-g32"])
+                                  "gptq:group_size=32,act_order=true", "gptq-w3-g32", "gptq-w8",
+                                  "gptq-w8:act_order=false", "awq-g32"])
 def test_checkpoint_round_trip(spec: str, tmp_path: Path) -> None:
     from llmopt.quant.api import parse_quant_spec
     from llmopt.quant.checkpoint import save_quantized
@@ -230,7 +265,7 @@ def test_gptq_and_awq_files_follow_the_hf_layouts(tmp_path: Path) -> None:
     from llmopt.quant.checkpoint import save_quantized
 
     calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    for spec, bits in (("gptq-g32", 4), ("gptq-w3-g32", 3), ("awq-g32", 4)):
+    for spec, bits in (("gptq-g32", 4), ("gptq-w3-g32", 3), ("gptq-w8", 8), ("awq-g32", 4)):
         m = quantize_(tiny(), spec, calibration=calib)
         out = tmp_path / spec
         save_quantized(m, None, parse_quant_spec(spec), out)
@@ -238,15 +273,17 @@ def test_gptq_and_awq_files_follow_the_hf_layouts(tmp_path: Path) -> None:
         t = load_file(str(out / "model.safetensors"))
         name = "model.layers.0.mlp.down_proj"
         k, n = 128, 64
+        gs = 32 if bits < 8 else k  # 8 bits: one group per output channel, group_size -1
         scales = t[f"{name}.scales"].astype(np.float32)  # [G, N]
-        assert t[f"{name}.scales"].dtype == np.float16 and scales.shape == (k // 32, n)
+        assert t[f"{name}.scales"].dtype == np.float16 and scales.shape == (k // gs, n)
         if spec.startswith("gptq"):
-            assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == 32
+            assert qc["quant_method"] == "gptq" and qc["bits"] == bits
+            assert qc["group_size"] == (32 if bits < 8 else -1) and qc["sym"] == (bits == 8)
             assert t[f"{name}.qweight"].shape == (k * bits // 32, n)
             codes = _np_unpack_rows(t[f"{name}.qweight"], bits)  # [K, N]
             zeros = (_np_unpack_rows(t[f"{name}.qzeros"].T.copy(), bits).T + 1) & (2**bits - 1)
             g_idx = t[f"{name}.g_idx"]
-            assert (g_idx == np.arange(k) // 32).all()
+            assert (g_idx == np.arange(k) // gs).all()
         else:
             assert qc["quant_method"] == "awq" and qc["version"] == "gemm"
             assert t[f"{name}.qweight"].shape == (k, n // 8)
@@ -302,6 +339,7 @@ def test_quantize_cli_writes_a_loadable_checkpoint(tiny_dir: Path, tmp_path: Pat
     (["--method", "int4", "--group-size", "100"], "group size must be a power of two"),
     (["--method", "int4", "--group-size", "256"], "group size 256 is larger than layer"),
     (["--method", "int8", "--bits", "3"], "--bits does not apply to method 'int8'"),
+    (["--method", "gptq", "--bits", "8", "--group-size", "32"], "8-bit gptq has one scale per output channel"),
     (["--method", "gptq", "--calib", "EMPTY"], "is empty"),
     (["--method", "awq", "--calib", "SHORT"], "has 5 tokens; 8192 are needed"),
 ])
@@ -334,6 +372,32 @@ def test_checkpoint_with_missing_tensor_is_one_line_exit_2(tiny_dir: Path, tmp_p
         save_file(sd, str(out / "model.safetensors"))
         rc, _, err = _cli(["generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "1"], capsys)
         assert rc == 2 and err.count("\n") == 1 and drop in err, err
+
+
+def test_8bit_gptq_cli_and_asymmetric_8bit_checkpoint(tiny_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--bits 8`` writes int8-format layers (act-order on by default, off with
+    --no-act-order); an 8-bit GPTQ checkpoint with other zero points than 128 (asymmetric, which
+    Int8Linear cannot hold) is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    outs = {}
+    for flag in ("--act-order", "--no-act-order"):
+        out = outs[flag] = tmp_path / flag.strip("-")
+        rc, _, _ = _cli(["quantize", "--model", str(tiny_dir), "--method", "gptq", "--bits", "8", flag,
+                         "--calib-tokens", "256", "--calib-seq-len", "64", "--out", str(out)], capsys)
+        assert rc == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (8, -1, True, flag == "--act-order")
+        lm = load_model(str(out), device="cpu")
+        assert isinstance(lm.model.model.layers[0].mlp.down_proj, Int8Linear)
+    name = "model.layers.0.mlp.up_proj.qzeros"
+    sd = load_file(str(outs["--act-order"] / "model.safetensors"))
+    sd[name] = P.pack_bits(torch.full((sd[name].shape[1] * 4, 1), 100), 8).t().contiguous()
+    save_file(sd, str(outs["--act-order"] / "model.safetensors"))
+    rc, _, err = _cli(["generate", "--model", str(outs["--act-order"]), "--prompt", "hi", "--max-new-tokens", "1"],
+                      capsys)
+    assert rc == 2 and err.count("\n") == 1 and "zero point 128" in err, err
 
 
 @pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4-g32", "nf4"])

@@ -11,14 +11,12 @@ Fake-quantised float32 weights; lm_head and the embedding left in float (the def
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
+from agreement_screen import Screen
 
-from llmopt.eval import default_corpus
-from llmopt.eval.perplexity import _logits, plan_windows
 from llmopt.loading.loader import load_model
 
 
@@ -47,39 +45,22 @@ def main() -> int:
     out = sys.argv[2] if len(sys.argv) > 2 else None
     torch.set_num_threads(2)
     lm = load_model("smollm2-135m", device="cpu", dtype="float32", progress=False)
-    tok, model = lm.tokenizer, lm.model
-    assert tok is not None
-    ids = tok.encode(default_corpus().read_text(encoding="utf-8"), add_special_tokens=False)[:n_tokens]
-    windows = plan_windows(len(ids), 1024, 512, True)
-
-    def argmaxes() -> torch.Tensor:
-        picks = []
-        with torch.inference_mode():
-            for w in windows:
-                x = torch.tensor([[tok.bos_token_id] + ids[w.begin:w.end]])
-                idx = torch.arange(w.score_from - w.begin, w.end - w.begin)
-                picks.append(_logits(model, x, idx).argmax(-1))
-        return torch.cat(picks)
-
-    reference = argmaxes()
+    model = lm.model
+    screen = Screen(lm.tokenizer, n_tokens)
+    screen.set_reference(model)
     linears = [(n, m) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     originals = {n: m.weight.detach().clone() for n, m in linears}
-    res: dict[str, object] = {"command": "python " + " ".join(sys.argv), "tokens": len(reference),
-                              "variants": {}}
     for name, scales in (("absmax", absmax_scales), ("mse_clip", mse_scales)):
         t0 = time.perf_counter()
         with torch.no_grad():
             for n, m in linears:
                 m.weight.copy_(fake_quant(originals[n], scales(originals[n])))
-        agreement = (argmaxes() == reference).float().mean().item()
+        agreement = screen.agreement(model)
         err = sum(float(((m.weight - originals[n]) ** 2).sum()) for n, m in linears)
-        res["variants"][name] = {"agreement": agreement, "weight_squared_error": err}  # type: ignore[index]
-        print(f"{name}: agreement {100 * agreement:.2f}% over {len(reference)} tokens, "
-              f"weights' squared error {err:.4e} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
+        screen.add(name, f", weights' squared error {err:.4e} ({time.perf_counter() - t0:.0f} s)",
+                   agreement=agreement, weight_squared_error=err)
+    screen.save(out)
     return 0
 
 

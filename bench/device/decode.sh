@@ -92,6 +92,9 @@ for r in "$@"; do
         l2-7b_b32) run $name $L7 --batch-size 32 --prompt-len 5 --new-tokens 200 --runs 3 ;;
         l2-7b_int8) run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int8g32) run $name $L7 --quant int8-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        # 8-bit per-channel GPTQ, quantised on the fly (random calibration tokens: the preset has no
+        # tokenizer): int8's format and kernel, so int8's speed; load_s holds the GPTQ time
+        l2-7b_gptqw8) run $name $L7 --quant gptq-w8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int8_torch) LLMOPT_WO_KERNEL=torch run $name $L7 --quant int8 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g32) run $name $L7 --quant int4-g32 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_int4g128) run $name $L7 --quant int4-g128 --prompt-len 5 --new-tokens 200 --runs 5 ;;

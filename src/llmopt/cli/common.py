@@ -18,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto",
                    help="attention backend: auto (triton on GPU, sdpa on CPU), sdpa, triton")
     p.add_argument("--quant", default=None, metavar="METHOD",
-                   help="quantise on the fly: int8[-gN], int4[-gN], nf4, fp8, gptq[-gN][-w3], awq[-gN] "
+                   help="quantise on the fly: int8[-gN], int4[-gN], nf4, fp8, gptq[-gN][-w3|-w8], awq[-gN] "
                         "(options as METHOD:key=value,...)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: split the model over N GPUs (or CPU processes); "

@@ -17,9 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--method", required=True, help=f"one of: {', '.join(known_methods())}")
     p.add_argument("--group-size", type=int, default=None,
-                   help="input channels per scale (int4/gptq/awq, default 128; nf4 block, default 64)")
-    p.add_argument("--bits", type=int, default=None, help="gptq only: 4 (default) or 3")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantise columns by decreasing Hessian diagonal")
+                   help="input channels per scale (int4/gptq/awq, default 128, 8-bit gptq 0 = per output channel; "
+                        "nf4 block, default 64)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="gptq only: 4 (default), 3, or 8 (one scale per output channel: int8's format and kernel)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: quantise columns by decreasing Hessian diagonal (default: on for 8 bits, off otherwise)")
     p.add_argument("--sym", action="store_true", help="gptq: symmetric (zero point fixed at the middle)")
     p.add_argument("--damp", type=float, default=None, help="gptq: Hessian damping fraction (default 0.01)")
     p.add_argument("--double-quant", action="store_true", help="nf4: quantise the block scales to int8")
@@ -41,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     method = args.method.lower()
     opts: dict[str, Any] = {"skip": tuple(args.skip) if args.skip else None}
-    flags = {"bits": args.bits, "act_order": args.act_order or None, "sym": args.sym or None,
+    flags = {"bits": args.bits, "act_order": args.act_order, "sym": args.sym or None,
              "damp": args.damp, "double_quant": args.double_quant or None, "mode": args.fp8_mode}
     names = {"bits": "--bits", "act_order": "--act-order", "sym": "--sym", "damp": "--damp",
              "double_quant": "--double-quant", "mode": "--fp8-mode"}

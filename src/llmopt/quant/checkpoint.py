@@ -9,7 +9,8 @@ Two layouts, named by ``quantization_config.quant_method`` in config.json:
   ``qzeros`` int32 [G, N*bits/32] packed along N holding zero-1, ``scales`` fp16 [G, N],
   ``g_idx`` int32 [K]. AWQ (AutoAWQ GEMM): ``qweight`` int32 [K, N/8] and ``qzeros`` int32
   [G, N/8] packed along N in the interleaved order 0,2,4,6,1,3,5,7, ``scales`` fp16 [G, N].
-  Both are converted at load time into ``Int4Linear``'s layout.
+  Both are converted at load time into ``Int4Linear``'s layout. 8-bit GPTQ with one scale per
+  output channel (``group_size`` -1, symmetric: every zero point 128) becomes ``Int8Linear``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def quantization_config_dict(config: QuantConfig) -> dict[str, Any]:
     c: Any = config
     if config.method == "gptq":
         return {
-            "quant_method": "gptq", "bits": c.bits, "group_size": c.group_size, "desc_act": c.act_order,
+            "quant_method": "gptq", "bits": c.bits, "group_size": c.group_size or -1, "desc_act": c.act_order,
             "sym": c.sym, "damp_percent": c.damp, "true_sequential": False,
             "checkpoint_format": "gptq", "lm_head": not config.skips("lm_head"),
             "modules_to_not_convert": list(config.skip),
@@ -103,6 +104,8 @@ def empty_module(lin: nn.Linear, config: QuantConfig) -> nn.Module:
     if config.method in ("int4", "awq"):
         return Int4Linear(*args, group_size=c.group_size)
     if config.method == "gptq":
+        if c.bits == 8:
+            return Int8Linear(*args)
         return Int4Linear(*args, group_size=c.group_size, bits=c.bits, act_order=c.act_order)
     if config.method == "nf4":
         return NF4Linear(*args, block_size=c.block_size, double_quant=c.double_quant,
@@ -188,6 +191,15 @@ def _from_gptq(prefix: str, p: dict[str, torch.Tensor], config: QuantConfig,
     if not v2:  # v1 stores zero - 1 (wrapping within the bit width)
         zeros = (zeros + 1) & (2**bits - 1)
     g_idx = p.get("g_idx")
+    if bits == 8:  # per output channel, symmetric: Int8Linear's signed codes, scales [N]
+        if scales.shape[0] != 1 or not bool((zeros == 128).all()):
+            raise CheckpointError(f"{prefix}: 8-bit GPTQ loads only with one scale per output channel "
+                                  "and zero point 128 (group_size -1, sym true)")
+        if g_idx is not None and bool(g_idx.ne(0).any()):
+            raise CheckpointError(f"{prefix}.g_idx names more than one group for a per-channel layer")
+        yield f"{prefix}.qweight", (codes.t().to(torch.int16) - 128).to(torch.int8).contiguous()
+        yield f"{prefix}.scales", scales[0]
+        return
     trivial = torch.arange(k) // gs
     if g_idx is not None and not torch.equal(g_idx.long().cpu(), trivial):
         if not c.act_order:
@@ -213,6 +225,22 @@ def _from_awq(prefix: str, p: dict[str, torch.Tensor]) -> Iterator[tuple[str, to
 
 
 # -- writing -----------------------------------------------------------------------------------------
+def _hf_int8_tensors(name: str, m: Int8Linear) -> dict[str, torch.Tensor]:
+    """8-bit per-channel GPTQ in AutoGPTQ's v1 layout: codes q + 128, every zero point 128 (stored
+    as 127), one group (g_idx all 0)."""
+    k, n = m.in_features, m.out_features
+    codes = (m.qweight.t().to(torch.int16) + 128).contiguous()  # [K, N] in [1, 255]
+    out = {
+        "qweight": pack_bits(codes, 8),
+        "qzeros": pack_bits(torch.full((n, 1), 127, dtype=torch.int16, device=codes.device), 8).t(),
+        "g_idx": torch.zeros(k, dtype=torch.int32, device=codes.device),
+        "scales": m.scales.to(torch.float16)[None, :],
+    }
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().to(torch.float16)
+    return {f"{name}.{leaf}": t.contiguous() for leaf, t in out.items()}
+
+
 def _hf_tensors(name: str, m: Int4Linear, config: QuantConfig) -> dict[str, torch.Tensor]:
     k, n, gs, bits = m.in_features, m.out_features, m.group_size, m.bits
     codes = unpack_int4_kn(m.qweight, k)  # [K, N] in stored (possibly permuted) order
@@ -253,6 +281,9 @@ def checkpoint_tensors(model: nn.Module, config: QuantConfig) -> dict[str, torch
         for name, mod in model.named_modules():
             if isinstance(mod, Int4Linear):
                 sd.update(_hf_tensors(name, mod, config))
+                quant_prefixes.append(name + ".")
+            elif isinstance(mod, Int8Linear) and config.method == "gptq":
+                sd.update(_hf_int8_tensors(name, mod))
                 quant_prefixes.append(name + ".")
     for k, v in model.state_dict().items():
         if hf and any(k.startswith(p) for p in quant_prefixes):
