@@ -229,14 +229,17 @@ def test_adaptive_k_follows_acceptance() -> None:
     probes = [i for i, k in enumerate(ks) if k == 1 and ks[i - 1] == 0]
     gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
     assert gaps[:3] == [10, 20, 20] and set(gaps) == {10, 20}  # a probe every 5, 10, 20, 20... steps
-    # A probe the drafter had nothing for (n-gram lookup without a match) costs nothing: the
-    # drafter is asked again at the next step.
+    # A probe the drafter had nothing for (n-gram lookup without a match) costs no compute: the
+    # drafter is asked again after free_probe_gap (3) plain steps, not after the probe interval.
     assert ctl.next_k() == 0
     while (k := ctl.next_k()) == 0:
         pass
     assert k == 1
-    ctl.update(0, 0)
-    assert ctl.next_k() == 1
+    for _ in range(2):
+        ctl.update(0, 0)
+        assert [ctl.next_k() for _ in range(4)] == [0, 0, 0, 1]
+    ctl.update(1, 0)  # a real probe, rejected: back to the (doubled) interval
+    assert [ctl.next_k() for _ in range(20)] == [0] * 19 + [1]
     fixed = AdaptiveK(AdaptiveKConfig(k_max=3, adaptive=False), draft_cost=0.0)
     fixed.update(3, 0)
     assert fixed.next_k() == 3
