@@ -82,6 +82,8 @@ def test_eval_cli_on_default_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rc == 0 and "perplexity" in so
     obj = json.loads(out.read_text())
     assert obj["command"].startswith("llmopt eval --model smollm2-135m --quant int8 --reference smollm2-135m")
+    assert obj["quant"] == "int8" and obj["quant_config"]["method"] == "int8"  # resolved settings
+    assert obj["quant_config"]["group_size"] == 0 and "lm_head" in obj["quant_config"]["skip"]
     r = obj["result"]
     assert r["tokens_scored"] == 160 and obj["config"]["bos_token_id"] == 1
     assert 5 < r["perplexity"] < 80  # a fluent English text for a real model

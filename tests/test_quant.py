@@ -391,6 +391,7 @@ def test_8bit_gptq_cli_and_asymmetric_8bit_checkpoint(tiny_dir: Path, tmp_path: 
         assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (8, -1, True, flag == "--act-order")
         lm = load_model(str(out), device="cpu")
         assert isinstance(lm.model.model.layers[0].mlp.down_proj, Int8Linear)
+        assert lm.quant_config is not None and lm.quant_config["act_order"] == (flag == "--act-order")
     name = "model.layers.0.mlp.up_proj.qzeros"
     sd = load_file(str(outs["--act-order"] / "model.safetensors"))
     sd[name] = P.pack_bits(torch.full((sd[name].shape[1] * 4, 1), 100), 8).t().contiguous()

@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         extra: dict[str, Any] = {}
         if settings is not None:
             extra["inductor_settings"] = settings
+        if lm.quant_config is not None:
+            extra["quant_config"] = lm.quant_config
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
             from llmopt.quant.kernels import gpu_kernel_choice
 
@@ -156,5 +158,5 @@ def _run_draft(args: argparse.Namespace, cfg: BenchConfig, text: str | None) -> 
         stop_at_eos=text is not None, fuse_projections=args.fuse_projections, dense_gemv=args.dense_gemv))
     print(format_speculative(result))
     if args.json_path:
-        _write_json(args.json_path, result)
+        _write_json(args.json_path, result, {"quant_config": lm.quant_config} if lm.quant_config else None)
     return 0

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             "command": command_string(args),
             "model": args.model,
             "quant": lm.quant,
+            "quant_config": lm.quant_config,
             "reference": args.reference,
             "reference_dtype": str(ref.dtype).replace("torch.", "") if ref else None,
             "corpus": str(args.corpus) if args.corpus else "packaged:prideprejudice.txt",

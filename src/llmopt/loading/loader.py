@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class LoadedModel:
     random_weights: bool
     load_seconds: float
     quant: str | None = None  # the quantisation method of the weights, if any
+    quant_config: dict[str, Any] | None = None  # its resolved settings (QuantConfig.to_dict())
 
 
 def load_model(
@@ -58,13 +60,15 @@ def load_model(
 
         config = preset_config(spec.split(":", 1)[1])
         model = random_model(config, dev, dt, seed)
+        quant_config = None
         if quant:
             from llmopt.quant.api import quantize_loaded
 
-            quantize_loaded(model, quant, None, progress)
-        return LoadedModel(model, None, config, spec, dev, dt, True, time.perf_counter() - t0, quant)
+            quant_config = quantize_loaded(model, quant, None, progress).to_dict()
+        return LoadedModel(model, None, config, spec, dev, dt, True, time.perf_counter() - t0, quant, quant_config)
     path = resolve_model(spec, progress=progress)
     transform: Callable[[nn.Module], None] | None = None
+    quant_config: dict[str, Any] | None = None
     if path.is_dir():
         config = ModelConfig.from_file(path / "config.json")
         tokenizer: Tokenizer | None = None
@@ -82,6 +86,7 @@ def load_model(
             if quant:
                 raise UserError(f"{path} is already quantised ({plan.config.method}); drop --quant")
             tensors, transform, quant = plan.wrap(tensors), plan.transform, plan.config.method
+            quant_config = plan.config.to_dict()
     else:
         from llmopt.loading.gguf_io import iter_gguf_tensors, read_gguf
 
@@ -99,8 +104,9 @@ def load_model(
     if quant and transform is None:
         from llmopt.quant.api import quantize_loaded
 
-        quantize_loaded(model, quant, tokenizer, progress)
-    return LoadedModel(model, tokenizer, config, str(path), dev, dt, False, time.perf_counter() - t0, quant)
+        quant_config = quantize_loaded(model, quant, tokenizer, progress).to_dict()
+    return LoadedModel(model, tokenizer, config, str(path), dev, dt, False, time.perf_counter() - t0, quant,
+                       quant_config)
 
 
 def model_from_tensors(
