@@ -183,6 +183,47 @@ def test_draft_cache_rollback_and_bonus_token(tiny: torch.nn.Module) -> None:
     assert drafter.propose(ids, 2).tokens[0].tolist() == greedy_continuation(ids, 2)
 
 
+def test_early_layers_draft_shares_the_targets_caches_and_never_catches_up() -> None:
+    """self-layers:N reads the target's caches of its layers: after steps the target ran alone
+    (a backlog for a draft with its own cache) it feeds only the pending token, and still drafts
+    what the truncated model with a cache of its own, fed everything, drafts."""
+    from llmopt.speculative.drafters import EarlyLayersDrafter, truncated_model
+
+    target = random_model(preset_config("tiny").replace(num_layers=3), CPU, torch.float32, seed=4)
+    fresh = copy.deepcopy(truncated_model(target, 2))
+    drafter = build_drafter("self-layers:2", target, None)
+    assert isinstance(drafter, EarlyLayersDrafter)
+    fed: list[int] = []
+    feed = drafter._feed
+    drafter._feed = lambda tokens, with_logits=True: fed.append(len(tokens)) or feed(tokens, with_logits)  # type: ignore[method-assign]
+
+    def greedy_continuation(ids: list[int], k: int) -> list[int]:
+        fresh.clear_caches()
+        params = SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True)
+        return Generator(fresh, None, CPU).generate([ids], params)[0].token_ids
+
+    def target_writes(ids: list[int], start: int) -> None:  # the target's own forward of ids[start:]
+        target(torch.tensor([ids[start:]]), torch.arange(start, len(ids))[None], kv_len=len(ids))
+
+    prompt = [3, 4, 5, 6, 7]
+    target.setup_caches(1, 64)
+    target_writes(prompt, 0)  # prefill
+    drafter.start(prompt, 64, SamplingTensors.from_params([GREEDY], CPU), None)
+    layer = drafter.model.model.layers[1].self_attn
+    assert layer.kv_cache is target.model.layers[1].self_attn.kv_cache
+    ids = [*prompt, 9]
+    assert drafter.propose(ids, 3).tokens[0].tolist() == greedy_continuation(ids, 3)
+    drafter.accept(0)
+    # The target verifies position 5 (overwriting the draft's entries), then decodes three plain
+    # steps on its own: a draft with its own cache would now feed five tokens.
+    ids = [*ids, 17, 18, 19, 20]
+    target_writes(ids[:-1], len(prompt))
+    fed.clear()
+    assert drafter.propose(ids, 3).tokens[0].tolist() == greedy_continuation(ids, 3)
+    assert fed == [1]
+    target.clear_caches()
+
+
 def test_speculative_sampling_is_seeded_and_valid(tiny: torch.nn.Module) -> None:
     params = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=50, seed=5, ignore_eos=True)
     prompt = [5, 6, 7, 8]

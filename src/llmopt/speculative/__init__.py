@@ -5,6 +5,7 @@ from llmopt.speculative.decode import SpeculativeConfig, SpeculativeGenerator, S
 from llmopt.speculative.drafters import (
     AlwaysWrongDrafter,
     Drafter,
+    EarlyLayersDrafter,
     ModelDrafter,
     NgramDrafter,
     Proposal,
@@ -15,6 +16,7 @@ __all__ = [
     "DRAFT_HELP",
     "AlwaysWrongDrafter",
     "Drafter",
+    "EarlyLayersDrafter",
     "ModelDrafter",
     "NgramDrafter",
     "Proposal",

@@ -12,6 +12,7 @@ from llmopt.errors import UserError
 from llmopt.loading.tokenizer import Tokenizer
 from llmopt.speculative.drafters import (
     Drafter,
+    EarlyLayersDrafter,
     ModelDrafter,
     NgramDrafter,
     model_cost,
@@ -96,7 +97,7 @@ def build_drafter(
         return NgramDrafter(max_ngram=ds.max_ngram)
     if ds.kind == "self-layers":
         draft = truncated_model(target, ds.num_layers)
-        return ModelDrafter(draft, f"self-layers:{ds.num_layers}", model_cost(draft, target))
+        return EarlyLayersDrafter(draft, target, f"self-layers:{ds.num_layers}", model_cost(draft, target))
     if ds.kind == "self-quant":
         draft = quantized_copy(target, ds.quant)
         return ModelDrafter(draft, f"self-{ds.quant}", model_cost(draft, target))

@@ -7,6 +7,8 @@ proposed tokens the target kept. Model drafters keep their own static KV cache, 
 position: rolling back is forgetting how far the cache is valid, and tokens the draft has not seen
 (the bonus token, or a backlog after steps without drafting) are fed next time: in one forward,
 or, when the draft step is compiled and they are few, through that step one token at a time.
+The self-draft of the target's first layers (``self-layers:N``) instead shares the target's
+caches of those layers (``EarlyLayersDrafter``), so it never has a backlog.
 """
 
 from __future__ import annotations
@@ -106,14 +108,20 @@ class ModelDrafter:
         st: SamplingTensors,
         generator: torch.Generator | None,
     ) -> None:
-        if self._step_graph is not None and self.model.max_seq_len not in (0, max_seq_len):
-            self.model.clear_caches()  # the compiled step is specialised to one cache size
-        self.model.setup_caches(1, max_seq_len)
+        self._setup_cache(max_seq_len)
         self._st, self._gen = st, generator
         # Host-indexed slices of one device arange give positions without a host->device copy.
         self._arange = torch.arange(max_seq_len + 1, device=self.device)
         self.cached = 0
         self._k = 0
+        self._take_prompt(prompt_ids)
+
+    def _setup_cache(self, max_seq_len: int) -> None:
+        if self._step_graph is not None and self.model.max_seq_len not in (0, max_seq_len):
+            self.model.clear_caches()  # the compiled step is specialised to one cache size
+        self.model.setup_caches(1, max_seq_len)
+
+    def _take_prompt(self, prompt_ids: list[int]) -> None:
         self._feed(prompt_ids, with_logits=False)
 
     def _feed(self, tokens: list[int], with_logits: bool = True) -> torch.Tensor | None:
@@ -182,6 +190,40 @@ class ModelDrafter:
         self._k = 0
 
 
+class EarlyLayersDrafter(ModelDrafter):
+    """Self-speculation with the target's first N layers and its head (``self-layers:N``, from
+    ``truncated_model``), reading and writing the target's own KV caches of those layers, as
+    LayerSkip does. Those layers are the target's, fed the same tokens at the same positions, so
+    the keys and values the target wrote at every committed position are the ones the draft would
+    compute. The draft therefore feeds only the pending token (the one whose keys the target has
+    not written yet) whatever happened before, so a draft after a run of plain steps costs no
+    catch-up, and there is no second cache. What the draft writes at the pending and drafted
+    positions is rewritten by the target's verify of the same positions before it is read as
+    committed (the target writes a step's keys before its attention reads them)."""
+
+    def __init__(self, model: nn.Module, target: nn.Module, name: str, cost_per_token: float) -> None:
+        super().__init__(model, name, cost_per_token)
+        self.target = target
+
+    def _setup_cache(self, max_seq_len: int) -> None:
+        t = self.target
+        if not t.has_cache or t.max_seq_len < max_seq_len:
+            raise RuntimeError("the target's KV cache must be set up before the drafter starts")
+        for mine, theirs in zip(self.model.model.layers, t.model.layers, strict=False):
+            mine.self_attn.kv_cache = theirs.self_attn.kv_cache
+        self.model.max_batch_size, self.model.max_seq_len = t.max_batch_size, t.max_seq_len
+        self.model.rope_cos, self.model.rope_sin = t.rope_cos, t.rope_sin
+
+    def _take_prompt(self, prompt_ids: list[int]) -> None:
+        self.cached = len(prompt_ids)  # the target's prefill wrote them
+
+    def propose(self, ids: list[int], k: int) -> Proposal:
+        # The target has written every position but the pending token's (the last of ids).
+        self._k = 0
+        self.cached = len(ids) - 1
+        return super().propose(ids, k)
+
+
 def _detached_module_copy(module: nn.Module) -> nn.Module:
     """A new module object with its own child/parameter/buffer tables (tensors shared)."""
     clone = copy.copy(module)
@@ -195,7 +237,8 @@ def truncated_model(model: nn.Module, num_layers: int) -> nn.Module:
     """The target's first ``num_layers`` decoder layers with its final norm and head.
 
     Weights (whatever their module types, quantised ones included) are shared, not copied; the
-    module tree is separate so the truncated model gets KV caches of its own.
+    module tree is separate, so the truncated model holds its own KV cache attributes (which
+    ``EarlyLayersDrafter`` points at the target's caches).
     """
     total = len(model.model.layers)
     if not 1 <= num_layers < total:
