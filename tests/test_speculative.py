@@ -183,16 +183,16 @@ def test_draft_cache_rollback_and_bonus_token(tiny: torch.nn.Module) -> None:
     assert drafter.propose(ids, 2).tokens[0].tolist() == greedy_continuation(ids, 2)
 
 
-def test_early_layers_draft_shares_the_targets_caches_and_never_catches_up() -> None:
+def test_self_drafts_share_the_targets_caches_and_never_catch_up() -> None:
     """self-layers:N reads the target's caches of its layers: after steps the target ran alone
     (a backlog for a draft with its own cache) it feeds only the pending token, and still drafts
     what the truncated model with a cache of its own, fed everything, drafts."""
-    from llmopt.speculative.drafters import EarlyLayersDrafter, truncated_model
+    from llmopt.speculative.drafters import SelfDrafter, truncated_model
 
     target = random_model(preset_config("tiny").replace(num_layers=3), CPU, torch.float32, seed=4)
     fresh = copy.deepcopy(truncated_model(target, 2))
     drafter = build_drafter("self-layers:2", target, None)
-    assert isinstance(drafter, EarlyLayersDrafter)
+    assert isinstance(drafter, SelfDrafter)
     fed: list[int] = []
     feed = drafter._feed
     drafter._feed = lambda tokens, with_logits=True: fed.append(len(tokens)) or feed(tokens, with_logits)  # type: ignore[method-assign]
@@ -221,6 +221,17 @@ def test_early_layers_draft_shares_the_targets_caches_and_never_catches_up() -> 
     fed.clear()
     assert drafter.propose(ids, 3).tokens[0].tolist() == greedy_continuation(ids, 3)
     assert fed == [1]
+    # A quantised self-draft reads the target's caches too (its own rounding would only move the
+    # keys away from what the target attends to), and also feeds just the pending token.
+    quant = build_drafter("self-int8", target, None)
+    assert isinstance(quant, SelfDrafter)
+    quant.start(prompt, 64, SamplingTensors.from_params([GREEDY], CPU), None)
+    assert all(m.self_attn.kv_cache is t.self_attn.kv_cache
+               for m, t in zip(quant.model.model.layers, target.model.layers, strict=True))
+    qfed: list[int] = []
+    qfeed = quant._feed
+    quant._feed = lambda tokens, with_logits=True: qfed.append(len(tokens)) or qfeed(tokens, with_logits)  # type: ignore[method-assign]
+    assert quant.propose(ids, 3).num_tokens == 3 and qfed == [1]
     target.clear_caches()
 
 

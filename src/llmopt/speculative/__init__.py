@@ -5,22 +5,22 @@ from llmopt.speculative.decode import SpeculativeConfig, SpeculativeGenerator, S
 from llmopt.speculative.drafters import (
     AlwaysWrongDrafter,
     Drafter,
-    EarlyLayersDrafter,
     ModelDrafter,
     NgramDrafter,
     Proposal,
     ReplayDrafter,
+    SelfDrafter,
 )
 
 __all__ = [
     "DRAFT_HELP",
     "AlwaysWrongDrafter",
     "Drafter",
-    "EarlyLayersDrafter",
     "ModelDrafter",
     "NgramDrafter",
     "Proposal",
     "ReplayDrafter",
+    "SelfDrafter",
     "SpeculativeConfig",
     "SpeculativeGenerator",
     "SpeculativeStats",

@@ -12,9 +12,9 @@ from llmopt.errors import UserError
 from llmopt.loading.tokenizer import Tokenizer
 from llmopt.speculative.drafters import (
     Drafter,
-    EarlyLayersDrafter,
     ModelDrafter,
     NgramDrafter,
+    SelfDrafter,
     model_cost,
     quantized_copy,
     truncated_model,
@@ -97,10 +97,10 @@ def build_drafter(
         return NgramDrafter(max_ngram=ds.max_ngram)
     if ds.kind == "self-layers":
         draft = truncated_model(target, ds.num_layers)
-        return EarlyLayersDrafter(draft, target, f"self-layers:{ds.num_layers}", model_cost(draft, target))
+        return SelfDrafter(draft, target, f"self-layers:{ds.num_layers}", model_cost(draft, target))
     if ds.kind == "self-quant":
         draft = quantized_copy(target, ds.quant)
-        return ModelDrafter(draft, f"self-{ds.quant}", model_cost(draft, target))
+        return SelfDrafter(draft, target, f"self-{ds.quant}", model_cost(draft, target))
     assert ds.model is not None
     from llmopt.loading.loader import load_model
 

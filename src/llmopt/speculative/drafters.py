@@ -7,8 +7,8 @@ proposed tokens the target kept. Model drafters keep their own static KV cache, 
 position: rolling back is forgetting how far the cache is valid, and tokens the draft has not seen
 (the bonus token, or a backlog after steps without drafting) are fed next time: in one forward,
 or, when the draft step is compiled and they are few, through that step one token at a time.
-The self-draft of the target's first layers (``self-layers:N``) instead shares the target's
-caches of those layers (``EarlyLayersDrafter``), so it never has a backlog.
+Self-drafts (``self-layers:N``, ``self-int8``, ``self-int4``) instead share the target's caches
+(``SelfDrafter``), so they never have a backlog.
 """
 
 from __future__ import annotations
@@ -190,16 +190,22 @@ class ModelDrafter:
         self._k = 0
 
 
-class EarlyLayersDrafter(ModelDrafter):
-    """Self-speculation with the target's first N layers and its head (``self-layers:N``, from
-    ``truncated_model``), reading and writing the target's own KV caches of those layers, as
-    LayerSkip does. Those layers are the target's, fed the same tokens at the same positions, so
-    the keys and values the target wrote at every committed position are the ones the draft would
-    compute. The draft therefore feeds only the pending token (the one whose keys the target has
-    not written yet) whatever happened before, so a draft after a run of plain steps costs no
-    catch-up, and there is no second cache. What the draft writes at the pending and drafted
-    positions is rewritten by the target's verify of the same positions before it is read as
-    committed (the target writes a step's keys before its attention reads them)."""
+class SelfDrafter(ModelDrafter):
+    """A self-draft that reads and writes the target's own KV caches, layer for layer, as
+    LayerSkip does: the target's first N layers and its head (``self-layers:N``, from
+    ``truncated_model``), or a quantised copy of the target (``self-int8``, ``self-int4``, from
+    ``quantized_copy``).
+
+    For ``self-layers`` the layers are the target's, fed the same tokens at the same positions,
+    so the keys and values the target wrote at every committed position are exactly those the
+    draft would compute. A quantised copy would compute them with its rounding; it reads the
+    target's instead, which is what the target itself attends to. Either way the draft feeds only
+    the pending token (the one whose keys the target has not written yet), whatever happened
+    before: a draft after a run of plain steps costs no catch-up, and there is no second cache.
+    What the draft writes at the pending and drafted positions is rewritten by the target's
+    verify of the same positions before it is read as committed (the target writes a step's keys
+    before its attention reads them). Its proposals stay the draft's own distribution q, so
+    verification keeps the target's distribution."""
 
     def __init__(self, model: nn.Module, target: nn.Module, name: str, cost_per_token: float) -> None:
         super().__init__(model, name, cost_per_token)
@@ -238,7 +244,7 @@ def truncated_model(model: nn.Module, num_layers: int) -> nn.Module:
 
     Weights (whatever their module types, quantised ones included) are shared, not copied; the
     module tree is separate, so the truncated model holds its own KV cache attributes (which
-    ``EarlyLayersDrafter`` points at the target's caches).
+    ``SelfDrafter`` points at the target's caches).
     """
     total = len(model.model.layers)
     if not 1 <= num_layers < total:
