@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Adaptive k on one GPU, in one device call with no model transfer (preset weights): the GPU
-# speculation tests (and the fused-projection test of 8-bit GPTQ), then `llmopt bench --draft` on the default model's shape with random
-# weights, adaptive k (measured step costs, probe back-off, sync-free plain steps) against k
-# fixed, for n-gram drafts and an always-failing self-draft. Results in $OUT.
+# speculation tests (and the fused-projection test of 8-bit GPTQ), then `llmopt bench --draft`
+# on the default model's shape with random weights, adaptive k (measured step costs, probe
+# back-off, sync-free plain steps) against k fixed, for n-gram drafts and an always-failing
+# self-draft. Results in $OUT.
 # Usage (device tool): bash bench/device/spec_adaptive.sh
 set -uo pipefail
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}

@@ -28,7 +28,7 @@ from llmopt.errors import UserError
 from llmopt.quant.api import QuantConfig, check_group_size, check_layers_fit, set_submodule
 from llmopt.quant.calibration import capture_first_layer_inputs, decoder_layers, run_layer
 from llmopt.quant.linear import Int4Linear, Int8Linear
-from llmopt.quant.primitives import GroupParams, minmax_params
+from llmopt.quant.primitives import GroupParams, int8_channel_scales, minmax_params
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, config: GPTQCon
         # Blocks are whole groups so a group's parameters are taken from its updated columns.
         block = max(gs, config.block_size // gs * gs)
     else:  # one symmetric scale per output channel, from the whole row (as GPTQ does)
-        s = (W.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        s = int8_channel_scales(W)
         z = torch.zeros_like(s)
         scales, zeros = s[:, None], z[:, None]
         block = config.block_size
@@ -154,11 +154,7 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, config: GPTQCon
 def gptq_module(res: GPTQResult, lin: nn.Linear, config: GPTQConfig) -> Int4Linear | Int8Linear:
     dtype = lin.weight.dtype
     if config.bits == 8:
-        m = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device, dtype)
-        m.qweight = res.codes.contiguous()
-        m.scales = res.scales[:, 0].to(dtype)
-        m._set_bias(lin.bias)
-        return m
+        return Int8Linear.per_channel(res.codes, res.scales[:, 0], lin.bias, dtype)
     assert config.group_size
     return Int4Linear.from_codes(res.codes, res.scales, res.zeros, config.group_size, lin.bias, dtype,
                                  config.bits, res.perm)

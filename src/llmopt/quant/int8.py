@@ -33,19 +33,17 @@ CONFIG = Int8Config
 
 def quantize_linear(lin: nn.Linear, group_size: int = 0) -> Int8Linear:
     w = lin.weight
+    if not group_size:
+        q = quantize_int8_per_channel(w)
+        return Int8Linear.per_channel(q.qweight, q.scales, lin.bias, w.dtype)
     m = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype,
                    group_size=group_size)
-    if group_size:
-        params = group_minmax_params(w, 8, group_size)  # [N, G], zeros in [0, 255]
-        codes = quantize_groupwise(w, params, 8, group_size)  # [N, K] uint8
-        # stored signed: q - 128 against zero - 128 gives the same differences
-        m.qweight = (codes.to(torch.int16) - 128).to(torch.int8)
-        m.scales = params.scales.t().contiguous().to(w.dtype)
-        m.zeros = (params.zeros - 128).t().contiguous().to(w.dtype)
-    else:
-        q = quantize_int8_per_channel(w)
-        m.qweight = q.qweight
-        m.scales = q.scales.to(w.dtype)
+    params = group_minmax_params(w, 8, group_size)  # [N, G], zeros in [0, 255]
+    codes = quantize_groupwise(w, params, 8, group_size)  # [N, K] uint8
+    # stored signed: q - 128 against zero - 128 gives the same differences
+    m.qweight = (codes.to(torch.int16) - 128).to(torch.int8)
+    m.scales = params.scales.t().contiguous().to(w.dtype)
+    m.zeros = (params.zeros - 128).t().contiguous().to(w.dtype)
     m._set_bias(lin.bias)
     return m
 

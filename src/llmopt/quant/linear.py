@@ -117,6 +117,17 @@ class Int8Linear(QuantLinear):
             self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
             self.register_buffer("zeros", None)
 
+    @classmethod
+    def per_channel(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> Int8Linear:
+        """The symmetric per-channel form from codes [N, K] int8 and scales [N]."""
+        n, k = qweight.shape
+        m = cls(k, n, bias is not None, qweight.device, dtype)
+        m.qweight = qweight.contiguous()
+        m.scales = scales.to(dtype)
+        m._set_bias(bias)
+        return m
+
     def out_dims(self) -> dict[str, int]:
         if self.group_size:
             return {"qweight": 0, "scales": 1, "zeros": 1}

@@ -25,10 +25,15 @@ class Int8Weights(NamedTuple):
     scales: torch.Tensor  # [N] float32
 
 
+def int8_channel_scales(w: torch.Tensor) -> torch.Tensor:
+    """One symmetric scale per output channel [N] (float32) for codes in [-127, 127]: -128 is
+    left out so the range is symmetric and negating a weight is exact."""
+    return (w.float().abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+
+
 def quantize_int8_per_channel(w: torch.Tensor) -> Int8Weights:
     w32 = w.float()
-    # -128 is left out so the range is symmetric and negating a weight is exact.
-    scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-10)  # [N]
+    scales = int8_channel_scales(w32)  # [N]
     q = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return Int8Weights(q, scales)
 
