@@ -149,7 +149,7 @@ def test_debug_shows_traceback() -> None:
 
 @pytest.mark.parametrize("name", ["LLMOPT_WO_KERNEL", "LLMOPT_GEMV_ONE_ROW", "LLMOPT_INT_DECODE",
                                   "LLMOPT_NF4_DECODE", "LLMOPT_KERNEL_PDL", "LLMOPT_GEMV_PREFETCH",
-                                  "LLMOPT_WO_BATCH_COPY"])
+                                  "LLMOPT_WO_BATCH_COPY", "LLMOPT_GEMV_STAGES"])
 def test_bad_weight_kernel_choice_is_one_line(name: str) -> None:
     """The decode-kernel settings are read once at import, on any machine: a bad value is one
     clear line and exit 2 (not an error inside a compiled forward on the GPU)."""

@@ -396,14 +396,17 @@ for n, k, group in [(96, 576, 32), (64, 1024, 128)]:  # 576: K not a multiple of
         for dec in T.DECODES.values():
             for sel in ((False, True) if fmt == "nf4" else (False,)):
                 for cfg in (T._tile_configs(T.ONE_ROW_TILES["packed"]) if packed else T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
-                    # PREFETCH (LLMOPT_GEMV_PREFETCH): with the exponent trick (the default decode)
-                    for pre in (False, True) if dec == 1 else (False,):
-                        name = f"{fmt}{'-select' if sel else ''}-dec{dec}{'-prefetch' if pre else ''}"
+                    # PREFETCH (LLMOPT_GEMV_PREFETCH) and a pipelined loop (LLMOPT_GEMV_STAGES):
+                    # with the exponent trick (the default decode)
+                    for pre, st in ((False, 0), (True, 0), (False, 3)) if dec == 1 else ((False, 0),):
+                        name = f"{fmt}{'-select' if sel else ''}-dec{dec}{'-prefetch' if pre else ''}{'-st3' if st else ''}"
                         if packed:
                             call = ("packed", (x, wt, s, z, lut.float(), n, k, 15),
-                                    dict(FMT=code, GROUP=grp, NF4_DECODE=int(sel), INT_DECODE=dec, PREFETCH=pre))
+                                    dict(FMT=code, GROUP=grp, NF4_DECODE=int(sel), INT_DECODE=dec, PREFETCH=pre,
+                                         STAGES=st))
                         else:
-                            call = ("rowmajor", (x, wt, s, n, k), dict(FMT=code, INT_DECODE=dec, PREFETCH=pre))
+                            call = ("rowmajor", (x, wt, s, n, k),
+                                    dict(FMT=code, INT_DECODE=dec, PREFETCH=pre, STAGES=st))
                         jobs.append((name, call, cfg.kwargs, expect))
     dense = (torch.randn(n, k) * 0.05).half()
     expect = x.double() @ dense.double().t()
@@ -489,24 +492,32 @@ for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["packed"])):
             if dec == 0 and i:  # the conversion decode (LLMOPT_INT_DECODE=cvt): first tile only
                 continue
             pre_too = dec == 1 and (grp == 128 or nf4 == 2)
-            for pdl, pre in ((False, False), *([(True, False)] if i == 0 and dec == 1 else []),
-                             *([(False, True)] if pre_too else [])):
+            # (LLMOPT_GEMV_STAGES=3: every tile also pipelined for int4-g128 with the exponent trick)
+            for pdl, pre, st in ((False, False, 0), *([(True, False, 0)] if i == 0 and dec == 1 else []),
+                                 *([(False, True, 0)] if pre_too else []),
+                                 *([(False, False, 3)] if dec == 1 and grp == 128 else [])):
                 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "lut_ptr": "*fp32",
-                       "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_DECODE": C}
+                       "out_ptr": "*fp32", "nib": "i32", **one, "GROUP": C, "SPLIT_K": C, "NF4_DECODE": C,
+                       "STAGES": C}
                 cases.append((T._packed_gemv1_kernel, sig, {"FMT": fmt, "GROUP": grp, "NF4_DECODE": nf4,
                                                             "INT_DECODE": dec, "PDL": pdl, "PREFETCH": pre,
-                                                            **cfg.kwargs}, cfg.num_warps))
-for i, cfg in enumerate(T._tile_configs(T.ONE_ROW_TILES["rowmajor"])):
+                                                            **cfg.kwargs, "STAGES": st}, cfg.num_warps))
+# the row-major kernel's configs as its autotuner holds them (pipelined over 3 stages by default),
+# the first also with the plain loop (LLMOPT_GEMV_STAGES=0)
+for i, cfg in enumerate(T._rowmajor_gemv1_kernel.configs):
     for fmt, wt in ((T.FMT_INT8, "*i8"), (T.FMT_FP8, "*fp8e4nv"), (T.FMT_DENSE, "*bf16")):
         for dec in T.DECODES.values():
             if dec == 0 and i:
                 continue
             pre_too = dec == 1 and fmt != T.FMT_FP8
-            for pdl, pre in ((False, False), *([(True, False)] if i == 0 and dec == 1 else []),
-                             *([(False, True)] if pre_too else [])):
-                sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "out_ptr": "*bf16", **one}
-                cases.append((T._rowmajor_gemv1_kernel, sig, {"FMT": fmt, "INT_DECODE": dec, "PDL": pdl,
-                                                              "PREFETCH": pre, **cfg.kwargs}, cfg.num_warps))
+            for pdl, pre, st in ((False, False, None), *([(True, False, None)] if i == 0 and dec == 1 else []),
+                                 *([(False, True, None)] if pre_too else []),
+                                 *([(False, False, 0)] if i == 0 and dec == 1 else [])):
+                sig = {"x_ptr": "*bf16", "w_ptr": wt, "s_ptr": "*bf16", "out_ptr": "*bf16", **one, "STAGES": C}
+                consts = {"FMT": fmt, "INT_DECODE": dec, "PDL": pdl, "PREFETCH": pre, **cfg.kwargs}
+                if st is not None:
+                    consts["STAGES"] = st
+                cases.append((T._rowmajor_gemv1_kernel, sig, consts, cfg.num_warps))
 HINTED = {id(T._packed_gemv1_kernel), id(T._rowmajor_gemv1_kernel)}
 
 
@@ -518,7 +529,7 @@ def check(i):  # compile case i for sm_90; its PTX's marks and ptxas's spill rep
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = k.asm["ptx"]
     return ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, "prmt.b32" in ptx,
-            ptx.count("ld.global"), ptxas_spills(ptx))
+            ptx.count("ld.global"), ptxas_spills(ptx), "cp.async" in ptx)
 
 
 results = map_on_every_core(check, range(len(cases)))
@@ -526,7 +537,10 @@ spilled = []
 pdl_marks = []  # (PDL, whether the PTX waits on and releases the grid dependency)
 prmt_marks = []
 loads = {}
-for (kern, sig, consts, warps), (pdl_marked, prmt, n_loads, spill) in zip(cases, results):
+pipelined = []  # (STAGES > 1 and not PREFETCH, whether the PTX copies tiles with cp.async)
+for (kern, sig, consts, warps), (pdl_marked, prmt, n_loads, spill, cp_async) in zip(cases, results):
+    if "STAGES" in consts:
+        pipelined.append((consts["STAGES"] > 1 and not consts["PREFETCH"], cp_async))
     if "PDL" in consts:
         pdl_marks.append((consts["PDL"], pdl_marked))
     if consts.get("NF4_DECODE") is not None:  # NF4 by byte permutes: prmt in the PTX, nowhere else
@@ -544,6 +558,8 @@ assert sum(p for p, _ in prmt_marks) >= 8 and all(p == marked for p, marked in p
 # its twin (the codes', scales' and zeros' loads written twice)
 pre = [(twin, n, loads[twin, False]) for (twin, p), n in loads.items() if p]
 assert len(pre) == 32 and all(n > base for _, n, base in pre), pre
+# the pipelined loop copies its tiles to shared memory asynchronously; no other loop does
+assert sum(p for p, _ in pipelined) >= 30 and all(p == cp for p, cp in pipelined), pipelined
 '''
 
 

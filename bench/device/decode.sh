@@ -40,9 +40,11 @@ for r in "$@"; do
     # format; LLMOPT_PDL=auto pairs inductor's kernels with them); dd/rd: --dense-gemv rows through
     # the deferred-sum or the few-row kernel (LLMOPT_DENSE_ONE_ROW=deferred, the default, or
     # reduce); pf/nopf: the one-row kernels load each next tile before computing, or never
-    # (LLMOPT_GEMV_PREFETCH=1/0; auto, the default, for unquantised rows only); or det:
+    # (LLMOPT_GEMV_PREFETCH=1/0; auto, the default, for unquantised rows only); st0/st3/st4/st5: the
+    # one-row kernels' K loop software-pipelined over that many stages, st0 the plain loop
+    # (LLMOPT_GEMV_STAGES; auto, the default, 3 for int8/fp8 and 0 for int4/nf4); or det:
     # inductor's deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1: no timed kernel choices); named RUN_V
-    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC LLMOPT_GEMV_PREFETCH
+    unset LLMOPT_PDL LLMOPT_AUTOTUNE_POINTWISE LLMOPT_KERNEL_PDL LLMOPT_DENSE_ONE_ROW TORCHINDUCTOR_DETERMINISTIC LLMOPT_GEMV_PREFETCH LLMOPT_GEMV_STAGES
     case $r in *%*) v=${r##*%} r=${r%\%*}; name=${name/\%/_}; SUF=-$v$SUF
         rest=$v  # V is one or more of the names above written together (pfddkpdl: pf, dd, kpdl)
         while [ -n "$rest" ]; do
@@ -56,6 +58,7 @@ for r in "$@"; do
                 rd*) export LLMOPT_DENSE_ONE_ROW=reduce; rest=${rest#rd} ;;
                 pf*) export LLMOPT_GEMV_PREFETCH=1; rest=${rest#pf} ;;
                 nopf*) export LLMOPT_GEMV_PREFETCH=0; rest=${rest#nopf} ;;
+                st0*|st3*|st4*|st5*) export LLMOPT_GEMV_STAGES=${rest:2:1}; rest=${rest:3} ;;
                 det*) export TORCHINDUCTOR_DETERMINISTIC=1; rest=${rest#det} ;;
                 *) break ;;
             esac
@@ -128,6 +131,7 @@ for r in "$@"; do
         l2-7b_nf4_gemv1_select) LLMOPT_GEMV_ONE_ROW=deferred LLMOPT_NF4_DECODE=select run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_nf4_prmt) LLMOPT_NF4_DECODE=prmt run $name $L7 --quant nf4 --prompt-len 5 --new-tokens 200 --runs 5 ;;
         l2-7b_b1_gemv1) LLMOPT_GEMV_ONE_ROW=deferred run $name $L7 --dense-gemv --prompt-len 5 --new-tokens 200 --runs 5 ;;
+        gemv_stages) timeout ${WO_S:-420} python3 bench/device/gemv_stages.py --out "$OUT/gemv_stages.json" --budget-s $(( ${WO_S:-420} - 60 )) ${STAGES_FORMATS:+--formats $STAGES_FORMATS} 2>&1 | tee -a "$OUT/log.txt" ;;
         wo_kernels) timeout ${WO_S:-300} python3 bench/device/wo_kernels.py --out "$OUT/wo_kernels.json" --rows ${WO_ROWS:-1 8} 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;
         mma_tests) timeout ${TEST_S:-240} python3 -m pytest -q -m gpu tests/test_quant_kernels.py -k "mma" -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/log.txt" ;;
         int4_mma) timeout ${WO_S:-300} python3 bench/device/int4_mma.py --out "$OUT/int4_mma.json" --rows ${WO_ROWS:-1 2 8 16} --groups ${WO_GROUPS:-128 32} ${WO_NF4:+--nf4} 2>&1 | grep -v " done$" | tee -a "$OUT/log.txt" ;;

@@ -82,6 +82,19 @@ INT_DECODE = env_choice("LLMOPT_INT_DECODE", "magic", tuple(INT_DECODES))
 NF4_DECODE = env_choice("LLMOPT_NF4_DECODE", "prmt", tuple(NF4_DECODES))
 # None (auto): FMT_DENSE rows only
 GEMV_PREFETCH = {"auto": None, "1": True, "0": False}[env_choice("LLMOPT_GEMV_PREFETCH", "auto", ("auto", "1", "0"))]
+# - LLMOPT_GEMV_STAGES, "auto" (default), "0", "3", "4" or "5": the one-row kernels' loop over K
+#   as a software pipeline of that many stages (``tl.range(num_stages=...)``): Triton copies the
+#   next tiles' codes, scales and zeros into shared memory asynchronously (cp.async) while the
+#   warp decodes the current one, so several tiles are in flight per program without holding them
+#   in registers (PREFETCH's cost). "0": the plain loop. Compiled for sm_90 it keeps the plain
+#   loop's registers (72 for an int4 tile of 64 x 256) and adds 8-16 KB of shared memory per
+#   stage. "auto": 3 stages for the row-major kernel (int8, fp8: 11-21% less time per call on an
+#   H200, Llama-2-7B int8 decode 344 -> 388 tok/s, fp8 366 -> 407) and the plain loop for the
+#   packed 4-bit one (int4, nf4: 3-40% slower pipelined; docs/benchmarks.md, twenty-first
+#   session). Unquantised rows keep PREFETCH, which comes first in the kernel.
+_stages = env_choice("LLMOPT_GEMV_STAGES", "auto", ("auto", "0", "3", "4", "5"))
+# stages per one-row kernel: "packed" (int4, nf4) and "rowmajor" (int8, fp8, unquantised rows)
+GEMV_STAGES = {"packed": 0, "rowmajor": 3} if _stages == "auto" else {"packed": int(_stages), "rowmajor": int(_stages)}
 
 
 def gpu_kernel_choice() -> str:

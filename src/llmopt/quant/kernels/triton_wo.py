@@ -29,6 +29,7 @@ import llmopt.kernels
 from llmopt.quant.kernels import (
     GEMV_MAX_ROWS,
     GEMV_PREFETCH,
+    GEMV_STAGES,
     INT_DECODE,
     NF4_DECODE,
     NF4_DECODES,
@@ -144,10 +145,12 @@ def _wo_matmul_kernel(
 # to BLOCK_M, unrolled), so a few rows cost little more weight traffic than one.
 
 
-def _tile_configs(table: list[tuple[int, ...]]) -> list[triton.Config]:
-    """Configs from (BLOCK_N, BLOCK_K, [SPLIT_K,] num_warps) rows."""
+def _tile_configs(table: list[tuple[int, ...]], stages: int | None = None) -> list[triton.Config]:
+    """Configs from (BLOCK_N, BLOCK_K, [SPLIT_K,] num_warps) rows; ``stages``: the one-row
+    kernels' STAGES (LLMOPT_GEMV_STAGES) in each."""
     names = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
-    return [triton.Config(dict(zip(names, row[:-1], strict=False)), num_warps=row[-1]) for row in table]
+    extra = {} if stages is None else {"STAGES": stages}
+    return [triton.Config({**dict(zip(names, row[:-1], strict=False)), **extra}, num_warps=row[-1]) for row in table]
 
 
 def _packed_gemv_configs() -> list[triton.Config]:
@@ -501,14 +504,16 @@ def _packed_gemv1(
     x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, nib,
     FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NF4_DECODE: tl.constexpr, INT_DECODE: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, STAGES: tl.constexpr = 0,
 ):
     """One row x [K] against 4-bit codes [K/8, N] (int4 or nf4) into a zeroed float32 out [N]
     (split-K partial sums added atomically). A tile is [BLOCK_K/8, BLOCK_N] int32 words.
     ``nib``: 15 (see ``_nibble_float``). NF4_DECODE: the NF4 levels loaded from the codebook
     (0), picked by selects (1) or by byte permutes (2, see ``_nf4_prmt_asm``). ``PREFETCH``
     (LLMOPT_GEMV_PREFETCH): each iteration first issues the next tile's loads, then computes on
-    the tile loaded the iteration before, so the memory latency overlaps the arithmetic."""
+    the tile loaded the iteration before, so the memory latency overlaps the arithmetic.
+    ``STAGES`` > 1 (LLMOPT_GEMV_STAGES, when not PREFETCH): the K loop software-pipelined over
+    that many stages, the next tiles copied to shared memory asynchronously (cp.async)."""
     R: tl.constexpr = BLOCK_K // 8  # word rows per tile
     if PDL:  # a programmatic dependent launch: the kernel before may still be running
         tl.extra.cuda.gdc_wait()
@@ -528,6 +533,11 @@ def _packed_gemv1(
                                              FMT, GROUP, BLOCK_K)
             acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
             q, sc, zp = qn, scn, zpn
+    elif STAGES > 1:
+        for kk in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+            k0 = k_start + kk
+            q, sc, zp = _packed_tile_load(w_ptr, s_ptr, z_ptr, k0, K // 8, N, offs_n, mask_n, FMT, GROUP, BLOCK_K)
+            acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
     else:
         for kk in range(0, k_per_split, BLOCK_K):
             k0 = k_start + kk
@@ -569,11 +579,12 @@ def _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT: tl.constexpr, BLOCK_K: tl.cons
 def _rowmajor_gemv1(
     x_ptr, w_ptr, s_ptr, out_ptr, N, K,
     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_DECODE: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, STAGES: tl.constexpr = 0,
 ):
     """One row x [K] against row-major per-channel weights w [N, K] (int8, fp8, FMT_DENSE) into
     out [N] in out's dtype: a [BLOCK_N, BLOCK_K] float32 partial sum in registers, reduced along
-    K after the loop, then the per-channel scale. ``PDL``, ``PREFETCH``: as in ``_packed_gemv1``."""
+    K after the loop, then the per-channel scale. ``PDL``, ``PREFETCH``, ``STAGES``: as in
+    ``_packed_gemv1`` (STAGES is 3 by default here: LLMOPT_GEMV_STAGES)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
@@ -586,6 +597,10 @@ def _rowmajor_gemv1(
             wn = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0 + BLOCK_K, K, FMT, BLOCK_K)
             acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
             w = wn
+    elif STAGES > 1:
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            w = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0, K, FMT, BLOCK_K)
+            acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
     else:
         for k0 in range(0, K, BLOCK_K):
             w = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0, K, FMT, BLOCK_K)
@@ -610,10 +625,10 @@ ONE_ROW_TILES = {
 }
 
 
-_packed_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["packed"]),
+_packed_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["packed"], GEMV_STAGES["packed"]),
                                        key=["N", "K", "FMT", "GROUP", "NF4_DECODE", "INT_DECODE", "PREFETCH"],
                                        reset_to_zero=["out_ptr"])(_packed_gemv1)
-_rowmajor_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["rowmajor"]),
+_rowmajor_gemv1_kernel = triton.autotune(configs=_tile_configs(ONE_ROW_TILES["rowmajor"], GEMV_STAGES["rowmajor"]),
                                          key=["N", "K", "FMT", "INT_DECODE", "PREFETCH"])(_rowmajor_gemv1)
 
 # One autotuner per kernel for one row and one for 2..GEMV_MAX_ROWS (BLOCK_M is in the key, so
