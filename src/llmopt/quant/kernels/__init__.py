@@ -88,10 +88,11 @@ GEMV_PREFETCH = {"auto": None, "1": True, "0": False}[env_choice("LLMOPT_GEMV_PR
 #   warp decodes the current one, so several tiles are in flight per program without holding them
 #   in registers (PREFETCH's cost). "0": the plain loop. Compiled for sm_90 it keeps the plain
 #   loop's registers (72 for an int4 tile of 64 x 256) and adds 8-16 KB of shared memory per
-#   stage. "auto": 3 stages for the row-major kernel (int8, fp8: 11-21% less time per call on an
-#   H200, Llama-2-7B int8 decode 344 -> 388 tok/s, fp8 366 -> 407) and the plain loop for the
-#   packed 4-bit one (int4, nf4: 3-40% slower pipelined; docs/benchmarks.md, twenty-first
-#   session). Unquantised rows keep PREFETCH, which comes first in the kernel.
+#   stage. "auto": 3 stages for the row-major kernel (int8, fp8: 11-18% less time per call on
+#   an H200; Llama-2-7B decode on two machines int8 329.4 -> 355.5 and 340.6 -> 382.6 tok/s, fp8
+#   343.5 -> 372.1 and 362.0 -> 402.7) and the plain loop for the packed 4-bit one (int4, nf4:
+#   2-5% slower with 3 stages, 5-15% with 5; docs/benchmarks.md, twenty-first session).
+#   Unquantised rows keep PREFETCH, which comes first in the kernel.
 _stages = env_choice("LLMOPT_GEMV_STAGES", "auto", ("auto", "0", "3", "4", "5"))
 # stages per one-row kernel: "packed" (int4, nf4) and "rowmajor" (int8, fp8, unquantised rows)
 GEMV_STAGES = {"packed": 0, "rowmajor": 3} if _stages == "auto" else {"packed": int(_stages), "rowmajor": int(_stages)}
