@@ -164,6 +164,25 @@ def test_bad_weight_kernel_choice_is_one_line(name: str) -> None:
     assert name in lines[0] and "bogus" in lines[0]
 
 
+@pytest.mark.parametrize("stages, expect", [(None, {"packed": 0, "rowmajor": 3}), ("5", {"packed": 5, "rowmajor": 5})])
+def test_bench_json_records_the_resolved_gemv_stages(tmp_path, stages: str | None, expect: dict) -> None:
+    """A quantised bench run's JSON holds the one-row kernels' pipeline stages as resolved
+    (LLMOPT_GEMV_STAGES=auto means 3 for int8/fp8 and none for int4/nf4), next to the setting."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LLMOPT_GEMV_STAGES"}
+    if stages is not None:
+        env["LLMOPT_GEMV_STAGES"] = stages
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "-m", "llmopt.cli.main", "bench", "--model", "preset:tiny", "--quant",
+                           "int8", "--new-tokens", "2", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(out.read_text())
+    assert rec["gemv_stages"] == expect and rec["wo_kernel"] == "auto"
+    assert rec["env"].get("LLMOPT_GEMV_STAGES") == stages
+
+
 @pytest.mark.parametrize(
     "name", ["LLMOPT_PDL", "LLMOPT_AUTOTUNE_POINTWISE", "LLMOPT_COORDINATE_DESCENT", "LLMOPT_TP_TUNING"]
 )

@@ -120,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
         if lm.quant_config is not None:
             extra["quant_config"] = lm.quant_config
         if args.quant:  # the weight-only kernel path, whether chosen or the default of the day
-            from llmopt.quant.kernels import gpu_kernel_choice
+            from llmopt.quant.kernels import GEMV_STAGES, gpu_kernel_choice
 
             extra["wo_kernel"] = gpu_kernel_choice()
+            extra["gemv_stages"] = dict(GEMV_STAGES)  # resolved: "auto" differs per kernel
         _write_json(args.json_path, result.as_dict(), extra)
     return 0
 
