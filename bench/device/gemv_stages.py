@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
@@ -34,7 +35,7 @@ FORMATS = ("int4-g128", "int4-g32", "nf4", "int8", "fp8")
 def _packed_call(T, x2, w, s, z, lut, n, k, fmt, group, nf4_dec, cfg, stages):
     out = torch.zeros((n,), device=x2.device, dtype=torch.float32)
     bn, bk, sk, warps = cfg
-    T._packed_gemv1[(triton_cdiv(n, bn), sk)](x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group, BLOCK_N=bn,
+    T._packed_gemv1[(triton.cdiv(n, bn), sk)](x2, w, s, z, lut, out, n, k, 15, FMT=fmt, GROUP=group, BLOCK_N=bn,
                                               BLOCK_K=bk, SPLIT_K=sk, NF4_DECODE=nf4_dec, INT_DECODE=1,
                                               STAGES=stages, num_warps=warps)
     return out.to(x2.dtype)
@@ -43,13 +44,9 @@ def _packed_call(T, x2, w, s, z, lut, n, k, fmt, group, nf4_dec, cfg, stages):
 def _rowmajor_call(T, x2, w, s, n, k, fmt, cfg, stages):
     out = torch.empty((n,), device=x2.device, dtype=x2.dtype)
     bn, bk, warps = cfg
-    T._rowmajor_gemv1[(triton_cdiv(n, bn),)](x2, w, s, out, n, k, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk,
+    T._rowmajor_gemv1[(triton.cdiv(n, bn),)](x2, w, s, out, n, k, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk,
                                              INT_DECODE=1, STAGES=stages, num_warps=warps)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main() -> int:

@@ -513,7 +513,8 @@ def _packed_gemv1(
     (LLMOPT_GEMV_PREFETCH): each iteration first issues the next tile's loads, then computes on
     the tile loaded the iteration before, so the memory latency overlaps the arithmetic.
     ``STAGES`` > 1 (LLMOPT_GEMV_STAGES, when not PREFETCH): the K loop software-pipelined over
-    that many stages, the next tiles copied to shared memory asynchronously (cp.async)."""
+    that many stages, the next tiles copied to shared memory asynchronously (cp.async); 0 gives
+    the plain loop (for sm_90, the same PTX as a plain ``range``)."""
     R: tl.constexpr = BLOCK_K // 8  # word rows per tile
     if PDL:  # a programmatic dependent launch: the kernel before may still be running
         tl.extra.cuda.gdc_wait()
@@ -533,13 +534,8 @@ def _packed_gemv1(
                                              FMT, GROUP, BLOCK_K)
             acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
             q, sc, zp = qn, scn, zpn
-    elif STAGES > 1:
-        for kk in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
-            k0 = k_start + kk
-            q, sc, zp = _packed_tile_load(w_ptr, s_ptr, z_ptr, k0, K // 8, N, offs_n, mask_n, FMT, GROUP, BLOCK_K)
-            acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
     else:
-        for kk in range(0, k_per_split, BLOCK_K):
+        for kk in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
             k0 = k_start + kk
             q, sc, zp = _packed_tile_load(w_ptr, s_ptr, z_ptr, k0, K // 8, N, offs_n, mask_n, FMT, GROUP, BLOCK_K)
             acc = _packed_tile_dot(acc, q, sc, zp, x_ptr, k0, K, nib, lut_ptr, FMT, BLOCK_K, NF4_DECODE, INT_DECODE)
@@ -597,12 +593,8 @@ def _rowmajor_gemv1(
             wn = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0 + BLOCK_K, K, FMT, BLOCK_K)
             acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
             w = wn
-    elif STAGES > 1:
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            w = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0, K, FMT, BLOCK_K)
-            acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             w = _rowmajor_tile_load(w_ptr, offs_n, mask_n, k0, K, FMT, BLOCK_K)
             acc = _rowmajor_tile_dot(acc, w, x_ptr, k0, K, FMT, BLOCK_K, INT_DECODE)
     if PDL:
